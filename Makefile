@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:  make demo  /  make test
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU wheel on this machine's disk; on GPU machines install your CUDA torch first
+# (see README) and run `make install TORCH=` to keep it.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/megamt demo
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Triton kernels of megamt (importable as ``megamt.kernels``), each with a plain-torch reference."""

@@ -1,0 +1,5 @@
+import sys
+
+from megamt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,635 @@
+"""One typed config tree for megamt.
+
+The tree is made of dataclasses. It is loaded from YAML, then dotted CLI overrides
+(``data.seq_len=1024``) are applied (CLI > YAML > defaults). Unknown keys, wrong types
+and impossible values are errors that name the dotted key; all problems are collected
+and raised together as one :class:`ConfigError`.
+
+Functions receive their section (``DataConfig``, ``TrainConfig`` ...), not the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+TASK_TYPES = ("classification", "extractive_qa", "ner", "summarization", "instruction")
+INPUT_FORMATS = ("auto", "tsv", "csv", "jsonl", "squad", "conll", "hf_disk", "hf")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names every offending dotted key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid megamt config:\n  - " + "\n  - ".join(self.problems))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class InputConfig:
+    """Where one split of one task comes from."""
+
+    path: str = ""
+    """File or folder. Relative paths are resolved against the spec file's folder."""
+    format: str = "auto"
+    """tsv | csv | jsonl | squad | conll | hf_disk (save_to_disk folder) | hf (load_dataset) | auto (by suffix)."""
+    hf_split: Optional[str] = None
+    """For ``hf``/``hf_disk``: which split of a DatasetDict to read."""
+    hf_name: Optional[str] = None
+    """For ``hf``: the builder name or data-file type given to ``datasets.load_dataset``."""
+    quoting: bool = False
+    """TSV/CSV: honour quote characters. GLUE TSVs need this off (their text holds bare quotes)."""
+    max_examples: Optional[int] = None
+    """Read at most this many examples (the first ones, in file order)."""
+
+    def problems(self, key: str) -> list[str]:
+        out = []
+        if not self.path:
+            out.append(f"{key}.path: required")
+        if self.format not in INPUT_FORMATS:
+            out.append(f"{key}.format: {self.format!r} is not one of {INPUT_FORMATS}")
+        if self.max_examples is not None and self.max_examples < 1:
+            out.append(f"{key}.max_examples: must be >= 1, got {self.max_examples}")
+        return out
+
+
+@dataclass
+class TaskConfig:
+    """One task: its type, inputs per split, field mapping, labels and templates."""
+
+    task_type: str = "classification"
+    """classification | extractive_qa | ner | summarization | instruction."""
+    inputs: dict[str, InputConfig] = field(default_factory=dict)
+    """Split name (train, validation, test) -> input."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Canonical field -> field name in the source. Canonical fields by type:
+    classification: text, text_pair (optional), label; extractive_qa: context, question,
+    answers (SQuAD JSON needs none); ner: tokens, tags (CoNLL needs none);
+    summarization: document, summary; instruction: prompt, response."""
+    labels: Optional[list[str]] = None
+    """Label set (classification) or entity types / tag set (ner). Inferred from train data when unset."""
+    verbalizers: Optional[dict[str, str]] = None
+    """classification: label -> target text for text-to-text (default: the label itself)."""
+    templates: list[str] = field(default_factory=list)
+    """Template names from the built-in registry or inline templates with {field} slots;
+    empty = every built-in template of the task type."""
+    weight: Optional[float] = None
+    """Explicit mixture weight (mixture.strategy=explicit), or a multiplier otherwise."""
+    head: str = "auto"
+    """Encoder backbones: auto | sequence_classification | token_classification | span."""
+    zero_shot: bool = False
+    """Held out of training: only evaluated (zero-shot transfer)."""
+    instruction: Optional[str] = None
+    """Free-text instruction prepended to prompts of this task (used for unseen tasks)."""
+
+    def problems(self, key: str) -> list[str]:
+        out = []
+        if self.task_type not in TASK_TYPES:
+            out.append(f"{key}.task_type: {self.task_type!r} is not one of {TASK_TYPES}")
+        for split, inp in self.inputs.items():
+            out += inp.problems(f"{key}.inputs.{split}")
+        if self.weight is not None and (self.weight < 0 or not math.isfinite(self.weight)):
+            out.append(f"{key}.weight: must be a finite number >= 0, got {self.weight}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            out.append(f"{key}.labels: labels must be unique")
+        if self.head not in ("auto", "sequence_classification", "token_classification", "span"):
+            out.append(f"{key}.head: {self.head!r} is not a known head")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Shards, tokenizer, packing and the input pipeline."""
+
+    shards_dir: str = "runs/shards"
+    """Folder of webdataset shards and their manifest.json (written by build-shards)."""
+    tokenizer: str = ""
+    """Local folder of a Hugging Face tokenizer."""
+    seq_len: int = 512
+    """Tokens per packed sequence."""
+    pack_buffer: int = 64
+    """Examples held by the best-fit packer before it must emit a sequence."""
+    overlong: Literal["truncate", "reject"] = "truncate"
+    """An example longer than seq_len: truncate (prompt from the left) or reject; both are counted."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad input rows: raise naming file/line, or skip and count per reason in the manifest."""
+    shard_max_examples: int = 10000
+    """A shard holds at most this many examples ..."""
+    shard_max_bytes: int = 64 * 1024 * 1024
+    """... and at most this many bytes."""
+    build_workers: int = 1
+    """Processes for build-shards (one task/split per process)."""
+    num_workers: int = 0
+    """DataLoader workers per rank."""
+    seed: int = 1234
+    """Seed of template choice, stream shuffling and mixture sampling."""
+    shuffle_buffer: int = 1000
+    """Per-task shuffle buffer (examples) of training streams."""
+    objective: Literal["auto", "causal_lm", "encoder"] = "auto"
+    """What packed batches carry: text-to-text (causal LM) or encoder inputs with head labels. auto: by model family."""
+
+    def problems(self, key: str) -> list[str]:
+        out = []
+        if self.seq_len < 8:
+            out.append(f"{key}.seq_len: must be >= 8, got {self.seq_len}")
+        if self.pack_buffer < 1:
+            out.append(f"{key}.pack_buffer: must be >= 1, got {self.pack_buffer}")
+        if self.shard_max_examples < 1:
+            out.append(f"{key}.shard_max_examples: must be >= 1")
+        if self.shard_max_bytes < 1024:
+            out.append(f"{key}.shard_max_bytes: must be >= 1024")
+        if self.build_workers < 1:
+            out.append(f"{key}.build_workers: must be >= 1")
+        if self.num_workers < 0:
+            out.append(f"{key}.num_workers: must be >= 0")
+        if self.shuffle_buffer < 1:
+            out.append(f"{key}.shuffle_buffer: must be >= 1")
+        return out
+
+
+@dataclass
+class PhaseConfig:
+    """A curriculum phase: from ``start_step`` on, sample these tasks with these weights."""
+
+    start_step: int = 0
+    tasks: list[str] = field(default_factory=list)
+    """Tasks active in this phase (empty = all training tasks)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per-task weight overrides in this phase (else the strategy's rates)."""
+
+
+@dataclass
+class MixtureConfig:
+    """How tasks are sampled into the packed stream."""
+
+    strategy: Literal["explicit", "proportional", "capped", "temperature"] = "temperature"
+    """explicit (task weights) | proportional (to size) | capped (T5 examples-proportional, cap K) | temperature."""
+    temperature: float = 2.0
+    """Temperature T: rates proportional to size ** (1/T)."""
+    cap: int = 2 ** 16
+    """Cap K of the capped strategy (examples)."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Curriculum / progressive introduction of tasks, by step."""
+
+    def problems(self, key: str, task_names: list[str]) -> list[str]:
+        out = []
+        if self.temperature <= 0:
+            out.append(f"{key}.temperature: must be > 0, got {self.temperature}")
+        if self.cap < 1:
+            out.append(f"{key}.cap: must be >= 1, got {self.cap}")
+        last = -1
+        for i, ph in enumerate(self.phases):
+            if ph.start_step <= last:
+                out.append(f"{key}.phases.{i}.start_step: phases must start at increasing steps")
+            last = ph.start_step
+            if len(set(ph.tasks)) != len(ph.tasks):
+                out.append(f"{key}.phases.{i}.tasks: a task is listed twice")
+            for t in list(ph.tasks) + list(ph.weights):
+                if t not in task_names:
+                    out.append(f"{key}.phases.{i}: unknown task {t!r}")
+            for t, w in ph.weights.items():
+                if w < 0:
+                    out.append(f"{key}.phases.{i}.weights.{t}: must be >= 0")
+        if self.phases and self.phases[0].start_step != 0:
+            out.append(f"{key}.phases.0.start_step: the first phase must start at step 0")
+        return out
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+    """None = peft's default for the architecture."""
+
+
+@dataclass
+class ModelConfig:
+    """The shared backbone."""
+
+    name_or_path: Optional[str] = None
+    """Local folder of a Hugging Face model. None = build from ``from_config``."""
+    family: Literal["auto", "causal_lm", "encoder"] = "auto"
+    """causal_lm (AutoModelForCausalLM) or encoder (AutoModel + task heads)."""
+    from_config: dict[str, Any] = field(default_factory=dict)
+    """Hugging Face config keys for a model built from scratch (needs model_type)."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 with flash-attn on CUDA, else sdpa) | sdpa | eager | flex_attention | flash_attention_2."""
+    gradient_checkpointing: bool = False
+    fused_loss: bool = True
+    """Per-task loss through megamt.kernels.fused_linear_task_cross_entropy (causal LMs)."""
+    loss_chunk_tokens: int = 2048
+    """Tokens per chunk of the fused loss."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def problems(self, key: str) -> list[str]:
+        out = []
+        if self.name_or_path is None and not self.from_config:
+            out.append(f"{key}: set name_or_path (a local model folder) or from_config")
+        if self.from_config and "model_type" not in self.from_config:
+            out.append(f"{key}.from_config.model_type: required when building from a config")
+        if self.loss_chunk_tokens < 1:
+            out.append(f"{key}.loss_chunk_tokens: must be >= 1")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    run_dir: str = "runs/default"
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Packed sequences per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (gradient methods set their own: one per task)."""
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    seed: int = 0
+    ds_config: str = "zero3"
+    """A template in ds_configs/ (zero3, zero3_offload, zero2) or a path to a DeepSpeed JSON."""
+    log_every: int = 10
+    """Plain log line every N steps (also the TensorBoard scalar cadence)."""
+    eval_every: int = 0
+    """Validation loss every N steps (0 = only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per task for validation loss."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    max_nonfinite_steps: int = 5
+    """Consecutive non-finite steps before the run stops."""
+    progress_bar: bool = True
+    dist_timeout_s: int = 600
+
+    def tokens_per_step(self, seq_len: int, world_size: int) -> int:
+        # micro_batch sequences * seq_len tokens * accumulation * ranks
+        return self.micro_batch_size * seq_len * self.grad_accum * world_size
+
+    def problems(self, key: str) -> list[str]:
+        out = []
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "keep_last", "eval_batches", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                out.append(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("log_every", "eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                out.append(f"{key}.{name}: must be >= 0")
+        if self.lr <= 0:
+            out.append(f"{key}.lr: must be > 0")
+        if self.grad_clip < 0:
+            out.append(f"{key}.grad_clip: must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"{key}.betas: two numbers in [0, 1)")
+        return out
+
+
+GRADIENT_METHODS = ("none", "sum", "pcgrad", "cagrad", "mgda", "aligned_mtl", "gradvac")
+LOSS_WEIGHTINGS = ("equal", "static", "uncertainty", "dwa", "gradnorm", "famo")
+
+
+@dataclass
+class GradientConfig:
+    """Loss balancing, gradient surgery and interference monitoring."""
+
+    method: str = "none"
+    """none | sum | pcgrad | cagrad | mgda | aligned_mtl | gradvac. Anything but none runs
+    one task-homogeneous micro-batch per task in each optimizer step."""
+    loss_weighting: str = "equal"
+    """equal | static | uncertainty | dwa | gradnorm | famo."""
+    static_weights: dict[str, float] = field(default_factory=dict)
+    monitor_every: int = 0
+    """Measure the task-gradient cosine matrix every N steps (0 = never)."""
+    cagrad_c: float = 0.5
+    gradnorm_alpha: float = 1.5
+    dwa_temperature: float = 2.0
+    famo_lr: float = 0.025
+    gradvac_beta: float = 0.01
+    seed: int = 0
+
+    def problems(self, key: str, task_names: list[str]) -> list[str]:
+        out = []
+        if self.method not in GRADIENT_METHODS:
+            out.append(f"{key}.method: {self.method!r} is not one of {GRADIENT_METHODS}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            out.append(f"{key}.loss_weighting: {self.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
+        for t, w in self.static_weights.items():
+            if t not in task_names:
+                out.append(f"{key}.static_weights.{t}: unknown task")
+            elif w < 0:
+                out.append(f"{key}.static_weights.{t}: must be >= 0")
+        if self.monitor_every < 0:
+            out.append(f"{key}.monitor_every: must be >= 0")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation."""
+
+    max_new_tokens: int = 64
+    """Bound on greedy generation."""
+    batch_size: int = 8
+    max_examples: Optional[int] = None
+    """Per task (the first ones)."""
+    split: str = "validation"
+
+
+@dataclass
+class MultitaskConfig:
+    """The root of the config tree.
+
+    Besides the sections, the constructor accepts the flat names users know from
+    multitask libraries, as aliases of one field each (they are not stored twice):
+    ``model_name_or_path`` -> ``model.name_or_path``,
+    ``task_sampling_strategy`` -> ``mixture.strategy``,
+    ``loss_weighting_strategy`` -> ``gradients.loss_weighting``,
+    ``gradient_method`` -> ``gradients.method``.
+    """
+
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __init__(self, tasks=None, model=None, data=None, mixture=None, train=None, gradients=None,
+                 eval=None, **aliases):
+        self.tasks = dict(tasks or {})
+        self.model = model or ModelConfig()
+        self.data = data or DataConfig()
+        self.mixture = mixture or MixtureConfig()
+        self.train = train or TrainConfig()
+        self.gradients = gradients or GradientConfig()
+        self.eval = eval or EvalConfig()
+        for name, value in aliases.items():
+            if name not in ALIASES:
+                raise ConfigError([f"{name}: unknown config key (sections: {[f.name for f in dataclasses.fields(self)]}, "
+                                   f"aliases: {sorted(ALIASES)})"])
+            section, attr = ALIASES[name]
+            setattr(getattr(self, section), attr, value)
+        validate(self)
+
+    # Derived numbers -------------------------------------------------------------
+    @property
+    def train_task_names(self) -> list[str]:
+        return [n for n, t in self.tasks.items() if not t.zero_shot]
+
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.train.tokens_per_step(self.data.seq_len, world_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+ALIASES = {
+    "model_name_or_path": ("model", "name_or_path"),
+    "task_sampling_strategy": ("mixture", "strategy"),
+    "loss_weighting_strategy": ("gradients", "loss_weighting"),
+    "gradient_method": ("gradients", "method"),
+}
+
+
+def _alias_property(section: str, attr: str):
+    return property(lambda self: getattr(getattr(self, section), attr),
+                    lambda self, v: setattr(getattr(self, section), attr, v))
+
+
+for _name, (_section, _attr) in ALIASES.items():
+    setattr(MultitaskConfig, _name, _alias_property(_section, _attr))
+
+
+def validate(cfg: MultitaskConfig) -> MultitaskConfig:
+    """Collect every problem of the tree and raise them together."""
+    problems: list[str] = []
+    names = list(cfg.tasks)
+    for name, task in cfg.tasks.items():
+        if not isinstance(task, TaskConfig):
+            problems.append(f"tasks.{name}: expected a TaskConfig, got {type(task).__name__}")
+            continue
+        problems += task.problems(f"tasks.{name}")
+    problems += cfg.data.problems("data")
+    problems += cfg.mixture.problems("mixture", names)
+    problems += cfg.train.problems("train")
+    problems += cfg.gradients.problems("gradients", names)
+    if cfg.mixture.strategy == "explicit":
+        for name in cfg.train_task_names:
+            if cfg.tasks[name].weight is None:
+                problems.append(f"tasks.{name}.weight: required by mixture.strategy=explicit")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a task listed twice would otherwise vanish)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError([f"{key}: listed twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1} "
+                               f"of {key_node.start_mark.name})"])
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read YAML with duplicate keys refused (errors name the file)."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; record a problem naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+        for a in inner:
+            sub: list[str] = []
+            out = _coerce(value, a, key, sub)
+            if not sub:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_coerce(v, args[0] if args else Any, f"{key}.{i}", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return value
+        kt, vt = args if args else (Any, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    if isinstance(raw, cls):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or '<root>'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        return cls() if cls is not MultitaskConfig else None
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if cls is MultitaskConfig and k in ALIASES:
+            continue
+        if k not in names:
+            close = [n for n in names if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{key}: unknown config key{hint}; known keys: {sorted(names)}")
+            continue
+        kwargs[k] = _coerce(v, hints[k], key, problems)
+    if cls is MultitaskConfig:
+        return kwargs
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrongly typed value already recorded
+        problems.append(f"{prefix}: {e}")
+        return cls()
+
+
+def config_from_dict(raw: dict) -> MultitaskConfig:
+    """Build and validate the tree from a plain mapping (YAML's)."""
+    problems: list[str] = []
+    raw = dict(raw or {})
+    aliases = {k: raw.pop(k) for k in list(raw) if k in ALIASES}
+    kwargs = _build(MultitaskConfig, raw, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return MultitaskConfig(**kwargs, **aliases)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError([f"{text}: an override must look like section.key=value"])
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"{text}: bad dotted key"])
+    return key.split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a raw mapping (values parsed as YAML scalars)."""
+    raw = dict(raw or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] in ALIASES and len(path) == 1:
+            section, attr = ALIASES[path[0]]
+            path = [section, attr]
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError([f"{'.'.join(path)}: {part!r} is not a section"])
+            else:
+                child = dict(child)
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MultitaskConfig:
+    """YAML file (optional) + dotted overrides -> validated config.
+
+    Relative input paths of tasks are resolved against the YAML file's folder.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"{path}: config file not found"])
+        raw = load_yaml(path) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping"])
+        for task in (raw.get("tasks") or {}).values():
+            for inp in ((task or {}).get("inputs") or {}).values():
+                if isinstance(inp, dict) and isinstance(inp.get("path"), str):
+                    p = Path(inp["path"])
+                    if not p.is_absolute() and inp.get("format") != "hf":
+                        inp["path"] = str((path.parent / p).resolve())
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
