@@ -1,0 +1,1 @@
+"""Evaluation: per-task metrics, generation / rank classification, reports, transfer experiments."""
