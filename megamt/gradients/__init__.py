@@ -1,0 +1,17 @@
+"""Multitask gradient handling: loss balancing, gradient surgery on ZeRO partitions, monitoring.
+
+- ``methods``: Gram matrix -> combination coefficients (PCGrad, CAGrad, MGDA, Aligned-MTL,
+  GradVac, sum), plus naive vector references.
+- ``balancing``: per-task loss weights (equal, static, uncertainty, DWA, GradNorm, FAMO).
+- ``surgery``: per-task gradient partitions under DeepSpeed ZeRO, one all-reduce of G.
+- ``monitor``: cosine matrix and norms to TensorBoard.
+"""
+
+from megamt.gradients.methods import METHODS, GradientMethod, build_method, cosine_matrix
+
+__all__ = [
+    "GradientMethod",
+    "METHODS",
+    "build_method",
+    "cosine_matrix",
+]
