@@ -1,0 +1,186 @@
+"""DeepSpeed configs: templates with "auto", filled from megamt's config in one function.
+
+The templates in ``ds_configs/`` (package ``megamt.ds_configs``) write *engine choices*
+literally (ZeRO stage, offload, overlap_comm ...). Everything megamt's config already
+knows (batch sizes, accumulation, clipping, optimizer and scheduler values, precision,
+bucket sizes) is ``"auto"`` and filled by :func:`resolve_ds_config`. A value written
+literally that disagrees with megamt's config is not silently overridden: all such
+mismatches are collected and raised together (the transformers integration's rule), so
+that nothing is configured twice with two answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from megamt.config import MultitaskConfig
+
+TEMPLATES = ("zero3", "zero3_offload", "zero2")
+AUTO = "auto"
+
+# megamt's lr_schedule -> DeepSpeed scheduler type
+SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+class DsConfigError(ValueError):
+    """ds_config problems (mismatches with megamt's config, unfilled "auto"), all at once."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(f"ds_config {source} disagrees with megamt's config (change one of them; "
+                         f"or write \"auto\" in the ds_config to take megamt's value):\n  - "
+                         + "\n  - ".join(self.problems))
+
+
+def load_template(name_or_path: str) -> tuple[dict, str]:
+    """A template by name (zero3, zero3_offload, zero2) or a JSON path -> (dict, source name)."""
+    if name_or_path in TEMPLATES:
+        res = importlib.resources.files("megamt.ds_configs").joinpath(f"{name_or_path}.json")
+        return json.loads(res.read_text()), f"{name_or_path}.json"
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.ds_config: {name_or_path!r} is neither a template {TEMPLATES} "
+                                f"nor an existing JSON file")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise DsConfigError(str(path), [f"not valid JSON: {e}"]) from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class _Filler:
+    """Fills one node's "auto" values and records disagreements with megamt's values."""
+
+    def __init__(self, ds: dict):
+        self.ds = ds
+        self.problems: list[str] = []
+
+    def fill(self, dotted: str, value: Any, source: str, *, create: bool = False) -> None:
+        *parents, key = dotted.split(".")
+        node = self.ds
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                if not create:
+                    return
+                node[p] = {}
+            node = node[p]
+        if key not in node:
+            if create:
+                node[key] = value
+            return
+        have = node[key]
+        if have == AUTO:
+            node[key] = value
+        elif not _same(have, value):
+            self.problems.append(f"{dotted} = {have!r} in the ds_config, but {source} gives {value!r}")
+
+
+def hidden_size_of(hf_config) -> int | None:
+    for name in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def resolve_ds_config(template: dict, cfg: MultitaskConfig, world_size: int, *, grad_accum: int | None = None,
+                      hidden_size: int | None = None, dtype: str = "fp32", source: str = "ds_config") -> dict:
+    """Fill every "auto" of ``template`` from ``cfg``; raise :class:`DsConfigError` listing
+    every literal value that disagrees with megamt's config and every "auto" left unfilled.
+
+    ``grad_accum``: micro-batches per optimizer step (default ``train.grad_accum``; gradient
+    methods pass one per task). ``dtype``: the resolved model dtype (fp32 | bf16 | fp16).
+    """
+    t = cfg.train
+    gas = int(grad_accum if grad_accum is not None else t.grad_accum)
+    ds = copy.deepcopy(template)
+    f = _Filler(ds)
+    f.fill("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", create=True)
+    f.fill("gradient_accumulation_steps", gas, "train.grad_accum" if grad_accum is None else
+           "the gradient method (one micro-batch per task)", create=True)
+    f.fill("train_batch_size", t.micro_batch_size * gas * world_size,
+           f"train.micro_batch_size * accumulation * world_size ({t.micro_batch_size}*{gas}*{world_size})", create=True)
+    f.fill("gradient_clipping", t.grad_clip, "train.grad_clip", create=True)
+    f.fill("bf16.enabled", dtype == "bf16", f"model.dtype (resolved: {dtype})")
+    f.fill("fp16.enabled", dtype == "fp16", f"model.dtype (resolved: {dtype})")
+    if dtype == "bf16" and "bf16" not in ds:
+        ds["bf16"] = {"enabled": True}
+
+    if "optimizer" in ds:
+        f.fill("optimizer.type", "AdamW", "megamt's default optimizer")
+        opt_params = ds["optimizer"].setdefault("params", {})
+        if opt_params == AUTO:
+            ds["optimizer"]["params"] = opt_params = {"lr": AUTO, "betas": AUTO, "eps": 1e-8, "weight_decay": AUTO}
+        f.fill("optimizer.params.lr", t.lr, "train.lr", create=True)
+        f.fill("optimizer.params.betas", list(t.betas), "train.betas", create=True)
+        f.fill("optimizer.params.weight_decay", t.weight_decay, "train.weight_decay", create=True)
+
+    if "scheduler" in ds:
+        f.fill("scheduler.type", SCHEDULERS[t.lr_schedule], f"train.lr_schedule={t.lr_schedule}")
+        kind = ds["scheduler"]["type"]
+        if ds["scheduler"].get("params", AUTO) == AUTO:
+            ds["scheduler"]["params"] = {}
+        # DeepSpeed's schedulers need >= 1 warm-up step (they use max(2, n) internally).
+        warmup = max(1, t.warmup_steps)
+        sched = {"warmup_num_steps": (warmup, "train.warmup_steps")}
+        if kind == "WarmupCosineLR":
+            sched.update(total_num_steps=(t.max_steps, "train.max_steps"), warmup_min_ratio=(0.0, "megamt (warm-up from 0)"),
+                         cos_min_ratio=(t.min_lr_ratio, "train.min_lr_ratio"), warmup_type=("linear", "megamt"))
+        elif kind == "WarmupDecayLR":
+            sched.update(total_num_steps=(t.max_steps, "train.max_steps"), warmup_min_lr=(0.0, "megamt"),
+                         warmup_max_lr=(t.lr, "train.lr"), warmup_type=("linear", "megamt"))
+        elif kind == "WarmupLR":
+            sched.update(warmup_min_lr=(0.0, "megamt"), warmup_max_lr=(t.lr, "train.lr"), warmup_type=("linear", "megamt"))
+        for key, (value, src) in sched.items():
+            f.fill(f"scheduler.params.{key}", value, src, create=True)
+
+    h = hidden_size or 0
+    zero = ds.get("zero_optimization", {})
+    if isinstance(zero, dict):
+        # the transformers integration's sizing: buckets ~ hidden^2, persistence ~ 10 * hidden
+        big = h * h if h else int(5e8)
+        f.fill("zero_optimization.reduce_bucket_size", big, f"hidden_size^2 ({h}^2)")
+        f.fill("zero_optimization.allgather_bucket_size", big, f"hidden_size^2 ({h}^2)")
+        f.fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * big), f"0.9 * hidden_size^2 ({h})")
+        f.fill("zero_optimization.stage3_param_persistence_threshold", 10 * h if h else int(1e5),
+               f"10 * hidden_size ({h})")
+
+    for path in _find_auto(ds):
+        f.problems.append(f"{path} = \"auto\" but megamt has no value for it: write it literally")
+    if f.problems:
+        raise DsConfigError(source, f.problems)
+    return ds
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if node == AUTO:
+        return [prefix]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{prefix}.{k}" if prefix else k)]
+    return []
+
+
+def zero_stage(ds: dict) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def build_ds_config(cfg: MultitaskConfig, world_size: int, *, grad_accum: int | None = None,
+                    hidden_size: int | None = None, dtype: str = "fp32") -> dict:
+    """Load ``train.ds_config`` and resolve it (the one entry the trainer calls)."""
+    template, source = load_template(cfg.train.ds_config)
+    return resolve_ds_config(template, cfg, world_size, grad_accum=grad_accum, hidden_size=hidden_size,
+                             dtype=dtype, source=source)

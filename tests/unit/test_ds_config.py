@@ -1,0 +1,72 @@
+"""ds_config templates: "auto" filled from megamt's config; every mismatch reported at once."""
+
+import pytest
+
+from megamt.config import MultitaskConfig, ModelConfig, TaskConfig, TrainConfig
+from megamt.ds_config import (TEMPLATES, DsConfigError, build_ds_config, load_template,
+                              resolve_ds_config, zero_stage)
+
+
+def make_cfg(**train):
+    return MultitaskConfig(tasks={"a": TaskConfig(task_type="classification")},
+                           model=ModelConfig(from_config={"model_type": "llama"}),
+                           train=TrainConfig(**{"micro_batch_size": 3, "grad_accum": 2, "lr": 1e-3, "grad_clip": 0.5,
+                                                "betas": [0.8, 0.9], "weight_decay": 0.1, "max_steps": 50,
+                                                "warmup_steps": 5, "min_lr_ratio": 0.2, **train}))
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_templates_fill_every_auto(name):
+    ds = build_ds_config(make_cfg(ds_config=name), world_size=4, hidden_size=64)
+    assert "auto" not in repr(ds)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.1}
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 50
+    assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.2
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 5
+    assert ds["bf16"]["enabled"] is False
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert zero_stage(ds) == (2 if name == "zero2" else 3)
+    if name == "zero3_offload":
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_literal_values_that_agree_are_kept_and_grad_methods_set_accumulation():
+    template, _ = load_template("zero3")
+    template["train_micro_batch_size_per_gpu"] = 3
+    template["scheduler"] = {"type": "WarmupLR", "params": "auto"}
+    ds = resolve_ds_config(template, make_cfg(lr_schedule="constant"), world_size=2, grad_accum=5, dtype="bf16")
+    assert ds["gradient_accumulation_steps"] == 5 and ds["train_batch_size"] == 30
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == 1e-3
+    assert ds["bf16"]["enabled"] is True
+
+
+def test_all_mismatches_reported_together():
+    template, _ = load_template("zero3")
+    template["train_micro_batch_size_per_gpu"] = 8
+    template["gradient_clipping"] = 1.0
+    template["optimizer"]["params"]["lr"] = 5e-5
+    template["scheduler"]["type"] = "WarmupDecayLR"
+    template["zero_optimization"]["sub_group_size"] = "auto"
+    with pytest.raises(DsConfigError) as err:
+        resolve_ds_config(template, make_cfg(), world_size=2, source="my.json")
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    text = str(err.value)
+    for needle in ("train_micro_batch_size_per_gpu = 8", "train.micro_batch_size", "gradient_clipping = 1.0",
+                   "train.grad_clip", "optimizer.params.lr", "train.lr", "scheduler.type",
+                   "train.lr_schedule=cosine", "zero_optimization.sub_group_size", "my.json"):
+        assert needle in text, needle
+
+
+def test_unknown_template_names_the_choices(tmp_path):
+    with pytest.raises(FileNotFoundError, match="zero3_offload"):
+        load_template("zero4")
+    bad = tmp_path / "x.json"
+    bad.write_text("{oops")
+    with pytest.raises(DsConfigError, match="not valid JSON"):
+        load_template(str(bad))
