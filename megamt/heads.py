@@ -65,22 +65,19 @@ def resolve_head(task_name: str, task_cfg) -> str:
 def head_label_names(task_name: str, task_cfg, kind: str) -> list[str]:
     """Class names (sequence classification) or IOB2 tag names (token classification).
 
-    NER ``labels`` may list entity types (``[PER, LOC]`` -> ``[O, B-PER, I-PER, B-LOC, I-LOC]``)
-    or the full tag set (kept as given, ``O`` first if present). Label ids in batches are
-    indices into this list.
+    The same list the data pipeline uses for label ids (``megamt.data.formats.resolve_labels``:
+    the task's ``labels``, NER entity types expanded to ``[O, B-LOC, I-LOC, ...]``, or the
+    set inferred from the train split), so head output ``i`` is label id ``i`` of the shards.
     """
     if kind == "span":
         return []
-    labels = task_cfg.labels
+    from megamt.data.formats import resolve_labels
+
+    labels = resolve_labels(task_name, task_cfg)
     if not labels:
         raise HeadConfigError(
             f"tasks.{task_name}.labels: an encoder {kind} head needs its label set; list it in the "
-            f"task config (or pass label_names from the shards manifest)")
-    if kind == "token_classification" and not all(l == "O" or l[:2] in ("B-", "I-") for l in labels):
-        tags = ["O"]
-        for t in labels:
-            tags += [f"B-{t}", f"I-{t}"]
-        return tags
+            f"task config or give the task a train input to infer it from")
     return list(labels)
 
 
