@@ -22,6 +22,8 @@ each term the mean of its start and end cross-entropies).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HEAD_KINDS = ("sequence_classification", "token_classification", "span")
+HEADS_FILE, HEADS_META = "heads.safetensors", "heads.json"
 _HEAD_BY_TYPE = {"classification": "sequence_classification", "ner": "token_classification",
                  "extractive_qa": "span"}
 # Models whose learned position table starts after the padding index (RoBERTa family):
@@ -175,6 +178,11 @@ class EncoderWithHeads(nn.Module):
                 self.heads[name] = SpanHead(hidden)
         if problems:
             raise HeadConfigError("\n".join(problems))
+        self.untrained_heads: list[str] = []
+        """Tasks whose head was not in the loaded folder (random init): evaluation flags them."""
+        folder = Path(config.model.name_or_path) if config.model.name_or_path else None
+        if backbone is None and folder is not None and (folder / HEADS_FILE).is_file():
+            self._load_heads(folder)
 
     @property
     def num_tasks(self) -> int:
@@ -244,6 +252,40 @@ class EncoderWithHeads(nn.Module):
     # ---------------------------------------------------------------- saving
     def head_metadata(self) -> dict:
         return {"task_names": self.task_names, "head_kinds": self.head_kinds, "label_names": self.label_names}
+
+    def save_pretrained(self, out_dir) -> Path:
+        """A Hugging Face folder of the backbone (LoRA merged into a copy) + ``heads.safetensors``
+        and ``heads.json`` (task -> head kind and label names). Loading: build the model with
+        ``model.name_or_path`` = this folder; the heads are read back by the constructor."""
+        import copy
+
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        backbone = self.backbone
+        if hasattr(backbone, "merge_and_unload"):  # peft: export a plain HF model
+            backbone.save_pretrained(str(out / "adapter"))
+            backbone = copy.deepcopy(backbone).merge_and_unload()
+        backbone.save_pretrained(out)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+        save_file(state, str(out / HEADS_FILE))
+        (out / HEADS_META).write_text(json.dumps(self.head_metadata(), indent=1))
+        return out
+
+    def _load_heads(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / HEADS_META).read_text())
+        for name, kind in self.head_kinds.items():
+            if name in meta["head_kinds"] and (meta["head_kinds"][name] != kind
+                                               or meta["label_names"][name] != self.label_names[name]):
+                raise HeadConfigError(
+                    f"{folder / HEADS_META}: task {name!r} was saved as a {meta['head_kinds'][name]} head with "
+                    f"labels {meta['label_names'][name]}, the config asks for {kind} with {self.label_names[name]}")
+        state = load_file(str(folder / HEADS_FILE))
+        missing, unexpected = self.heads.load_state_dict(state, strict=False)
+        self.untrained_heads = sorted({k.split(".")[0] for k in missing})
 
 
 def _span_loss(logits: torch.Tensor, idx: tuple, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

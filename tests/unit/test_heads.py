@@ -149,3 +149,22 @@ def test_bad_head_config_names_the_task():
     with pytest.raises(HeadConfigError) as err:
         EncoderWithHeads(cfg)
     assert "tasks.summ" in str(err.value) and "tasks.nolabels.labels" in str(err.value)
+
+
+def test_save_and_reload_with_heads(tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    cfg = tiny_config()
+    model = EncoderWithHeads(cfg).eval()
+    batch = pack([[example(T_CLS, 5, gen), example(T_NER, 6, gen), example(T_QA, 9, gen)]], L=24)
+    with torch.no_grad():
+        before = model(batch).loss_sum
+    model.save_pretrained(tmp_path / "hf")
+    cfg.model.name_or_path, cfg.model.from_config = str(tmp_path / "hf"), {}
+    again = EncoderWithHeads(cfg).eval()
+    assert again.untrained_heads == []
+    with torch.no_grad():
+        assert torch.allclose(again(batch).loss_sum, before, atol=1e-6)
+    cfg.tasks["sent"].labels = ["neg", "pos"]  # a different label set: refused, named
+    with pytest.raises(HeadConfigError, match="sent"):
+        EncoderWithHeads(cfg)
