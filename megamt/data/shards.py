@@ -1,0 +1,287 @@
+"""``megamt build-shards``: task spec → per-task, per-split webdataset shards + manifest.json.
+
+Layout of ``OUT``::
+
+    {task}-{split}-{shard:06d}.tar   # webdataset tars, size-bounded (count and bytes)
+    manifest.json                    # what is in them (see below)
+
+Each sample (``__key__`` = ``{task}-{split}-{index:09d}``) holds ``prompt_ids.npy``,
+``target_ids.npy``, ``enc_ids.npy`` (int32), ``enc_tags.npy`` (NER) and ``meta.json``
+(source key, task, template, target text, references, class id / token span). Nothing is
+pickled; the reader refuses pickle members.
+
+``manifest.json``: megamt version, tokenizer (name, path, vocabulary hash, special ids),
+seed, and per task: type, label list, templates, and per split the shards with their
+example and token counts, totals, and the skip counts per reason.
+
+Same spec + tokenizer + seed → byte-identical shards (template choice is seeded per example
+key, tar mtimes are fixed). ``--workers N`` builds task/splits in N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from megamt.data.errors import DataError, SkipCounter
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PICKLE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
+
+
+def shard_name(task: str, split: str, shard: int) -> str:
+    return f"{task}-{split}-{shard:06d}.tar"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def decode_sample(raw: dict, where: str) -> dict[str, Any]:
+    """A webdataset sample (``{ext: bytes}``) → arrays and metadata. Never unpickles."""
+    out: dict[str, Any] = {"__key__": raw.get("__key__")}
+    for k, v in raw.items():
+        if k.startswith("__"):
+            continue
+        ext = k.rsplit(".", 1)[-1].lower()
+        name = k[: -len(ext) - 1] if "." in k else k
+        if ext in PICKLE_EXTS:
+            raise DataError(where, "pickle_member", f"member {k!r} is a pickle; megamt never unpickles shard data "
+                            f"(store arrays as .npy and metadata as .json)")
+        try:
+            if ext == "npy":
+                out[name] = np.load(io.BytesIO(v), allow_pickle=False)
+            elif ext in ("json", "jsn"):
+                out[name] = json.loads(v)
+            else:
+                out[name] = v
+        except Exception as e:  # corrupt member
+            raise DataError(where, "corrupt_shard", f"member {k!r} cannot be decoded: {e}") from None
+    return out
+
+
+def read_shard(path: str | Path, expect: Optional[int] = None, keep=None) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one tar shard, in order (webdataset's tar iterator + key grouping).
+
+    ``keep(i) -> bool`` selects samples by position (the others are not decoded). A corrupt
+    or truncated tar, or another sample count than the manifest's ``expect``, raises
+    :class:`DataError` naming the shard.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    path = Path(path)
+    n = 0
+    fix = "rebuild it with `megamt build-shards`"
+    try:
+        with open(path, "rb") as f:
+            def members():
+                for m in tar_file_iterator(f):
+                    m["__url__"] = str(path)
+                    yield m
+
+            for raw in group_by_keys(members()):
+                if keep is None or keep(n):
+                    yield decode_sample(raw, f"{path} (sample {raw.get('__key__')})")
+                n += 1
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(str(path), "missing_shard", f"shard not found; {fix}") from None
+    except Exception as e:
+        raise DataError(str(path), "corrupt_shard", f"corrupt or truncated tar after {n} samples "
+                        f"({type(e).__name__}: {e}); {fix}") from None
+    if expect is not None and n != expect:
+        raise DataError(str(path), "corrupt_shard", f"holds {n} samples, manifest.json says {expect} "
+                        f"(truncated or replaced); {fix}")
+
+
+def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    """``manifest.json`` of a shards folder (raises DataError naming the file when missing/invalid)."""
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(str(path), "missing_manifest", "no manifest.json: build the shards with "
+                        "`megamt build-shards SPEC --out DIR --tokenizer TOK`")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", "malformed_json", f"manifest is not valid JSON: {e.msg}") from None
+    if not isinstance(m, dict) or "tasks" not in m or "tokenizer" not in m:
+        raise DataError(str(path), "malformed_json", "not a megamt manifest (needs 'tasks' and 'tokenizer')")
+    return m
+
+
+def check_tokenizer(manifest: dict, tok_or_path, where: str = "") -> None:
+    """Raise DataError when the tokenizer's vocabulary hash differs from the one the shards used."""
+    from megamt.data.tokenize import load_tokenizer, vocab_hash
+
+    tok = load_tokenizer(tok_or_path) if isinstance(tok_or_path, (str, Path)) else tok_or_path
+    have, want = vocab_hash(tok), manifest["tokenizer"]["vocab_hash"]
+    if have != want:
+        raise DataError(where or "manifest.json", "tokenizer_mismatch",
+                        f"the shards were built with tokenizer {manifest['tokenizer'].get('path')!r} "
+                        f"(vocab hash {want[:12]}…) but data.tokenizer "
+                        f"{getattr(tok, 'name_or_path', tok_or_path)!r} has hash {have[:12]}…; rebuild the shards "
+                        f"with this tokenizer or point data.tokenizer at the one they were built with")
+
+
+def split_shards(manifest: dict, shards_dir: str | Path, task: str, split: str) -> list[tuple[Path, int]]:
+    """``[(path, n_examples), ...]`` of one task/split, in shard order."""
+    try:
+        entry = manifest["tasks"][task]["splits"][split]
+    except KeyError:
+        have = {t: sorted(v.get("splits", {})) for t, v in manifest.get("tasks", {}).items()}
+        raise DataError(str(Path(shards_dir) / MANIFEST), "missing_split",
+                        f"no shards for task {task!r} split {split!r} (manifest has {have}); add it to the "
+                        f"spec and rebuild") from None
+    return [(Path(shards_dir) / s["file"], int(s["examples"])) for s in entry["shards"]]
+
+
+# --------------------------------------------------------------------------- writing
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str):
+    from megamt.data.tokenize import load_tokenizer
+
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def build_split(task: str, task_cfg, split: str, out_dir: str, tokenizer_dir: str, labels: Optional[list[str]],
+                seed: int, max_examples: int, max_bytes: int, on_error: str, progress: bool = True
+                ) -> dict[str, Any]:
+    """Read, render, tokenize and write one task/split; returns its manifest entry."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from megamt.data.formats import read_examples
+    from megamt.data.templates import example_rng, render, resolve_templates
+    from megamt.data.tokenize import encode_example, special_ids
+
+    tok = _tokenizer(tokenizer_dir)
+    ids = special_ids(tok)
+    templates = resolve_templates(task_cfg)
+    out = Path(out_dir)
+    for old in out.glob(f"{task}-{split}-*.tar"):
+        old.unlink()
+    skips = SkipCounter()
+    counts: dict[str, list[int]] = {}  # file -> [examples, prompt+target tokens, enc tokens]
+    pattern = str(out / f"{task}-{split}-%06d.tar")
+    n = 0
+    writer = wds.ShardWriter(pattern, maxcount=max_examples, maxsize=max_bytes, verbose=0, mtime=0.0)
+    try:
+        bar = tqdm(desc=f"{task}/{split}", unit=" ex", disable=not progress, leave=False, mininterval=0.5)
+        for ex in read_examples(task, task_cfg, split, on_error=on_error, skips=skips, labels=labels):
+            prompt, target, tname = render(ex, task_cfg, example_rng(seed, ex), labels, templates)
+            try:
+                sample = encode_example(ex, prompt, target, tname, tok, labels, ids)
+            except DataError as e:
+                from megamt.data.errors import bad_input
+
+                bad_input(on_error, skips, e.where, e.reason, str(e))
+                continue
+            sample["__key__"] = f"{task}-{split}-{n:09d}"
+            writer.write(sample)
+            c = counts.setdefault(Path(writer.fname).name, [0, 0, 0])
+            c[0] += 1
+            c[1] += len(sample["prompt_ids.npy"]) + len(sample["target_ids.npy"])
+            c[2] += len(sample["enc_ids.npy"])
+            n += 1
+            bar.update(1)
+        bar.close()
+    finally:
+        writer.close()
+    if n == 0:  # ShardWriter opens its first tar eagerly
+        for old in out.glob(f"{task}-{split}-*.tar"):
+            old.unlink()
+    shards = [{"file": f, "examples": c[0], "tokens": c[1], "enc_tokens": c[2]} for f, c in sorted(counts.items())]
+    return {"examples": n, "tokens": sum(s["tokens"] for s in shards), "enc_tokens": sum(s["enc_tokens"] for s in shards),
+            "shards": shards, "skips": skips.as_dict(), "skip_examples": skips.examples}
+
+
+def _build_job(kw: dict) -> tuple[str, str, dict]:
+    return kw["task"], kw["split"], build_split(**kw)
+
+
+def build_shards(cfg, out_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
+                 workers: Optional[int] = None, on_error: Optional[str] = None, progress: bool = True,
+                 log=print) -> dict[str, Any]:
+    """Build every task/split of ``cfg.tasks`` into ``out_dir``; write and return the manifest."""
+    from megamt import __version__
+    from megamt.data.formats import resolve_labels
+    from megamt.data.templates import resolve_templates
+    from megamt.data.tokenize import tokenizer_info
+
+    data = cfg.data
+    out = Path(out_dir or data.shards_dir)
+    tok_dir = str(Path(tokenizer_dir or data.tokenizer).resolve()) if (tokenizer_dir or data.tokenizer) else ""
+    if not tok_dir:
+        raise DataError("data.tokenizer", "missing_tokenizer", "no tokenizer: pass --tokenizer DIR or set data.tokenizer")
+    workers = workers or data.build_workers
+    on_error = on_error or data.on_error
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(tok_dir)
+    t0 = time.time()
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "megamt_version": __version__,
+                                "tokenizer": tokenizer_info(tok, tok_dir), "seed": data.seed,
+                                "on_error": on_error, "tasks": {}}
+    jobs = []
+    for name, tc in cfg.tasks.items():
+        labels = resolve_labels(name, tc, on_error)
+        manifest["tasks"][name] = {"type": tc.task_type, "labels": labels,
+                                   "templates": [t.name for t in resolve_templates(tc)], "splits": {}}
+        for split in tc.inputs:
+            jobs.append(dict(task=name, task_cfg=tc, split=split, out_dir=str(out), tokenizer_dir=tok_dir,
+                             labels=labels, seed=data.seed, max_examples=data.shard_max_examples,
+                             max_bytes=data.shard_max_bytes, on_error=on_error, progress=progress and workers == 1))
+    if workers > 1 and len(jobs) > 1:
+        from tqdm import tqdm
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            results = list(tqdm(pool.map(_build_job, jobs), total=len(jobs), desc="build-shards", unit=" split",
+                                disable=not progress))
+    else:
+        results = [_build_job(j) for j in jobs]
+    total_skips = SkipCounter()
+    for task, split, entry in results:
+        manifest["tasks"][task]["splits"][split] = entry
+        total_skips.update(entry["skips"])
+    manifest["skips"] = total_skips.as_dict()
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if log:
+        for task, split, e in results:
+            sk = f", skipped {e['skips']}" if e["skips"] else ""
+            log(f"  {task}/{split}: {e['examples']} examples, {e['tokens']} tokens, {len(e['shards'])} shard(s){sk}")
+        log(f"build-shards: {sum(e['examples'] for _, _, e in results)} examples in {time.time() - t0:.1f}s -> {out}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megamt.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="megamt build-shards", description=__doc__.split("\n\n")[0])
+    ap.add_argument("spec", help="task spec / megamt config YAML with a tasks: section")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shard_max_examples=1000")
+    ap.add_argument("--out", help="output folder (default: data.shards_dir)")
+    ap.add_argument("--tokenizer", help="local HF tokenizer folder (default: data.tokenizer)")
+    ap.add_argument("--workers", type=int, help="processes (default: data.build_workers)")
+    ap.add_argument("--on-error", choices=["raise", "skip"], help="bad input: raise (default) or skip and count")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.spec, args.overrides)
+        build_shards(cfg, args.out, args.tokenizer, args.workers, args.on_error, progress=not args.no_progress)
+    except (DataError, ConfigError) as e:
+        print(f"megamt build-shards: error: {e}", file=sys.stderr)
+        return 1
+    return 0
