@@ -346,14 +346,33 @@ class GradientConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation."""
+    """Evaluation (``megamt eval``, ``model.evaluate``, metrics during training)."""
 
     max_new_tokens: int = 64
-    """Bound on greedy generation."""
+    """Bound on greedy generation (tokens); a generation cut there is counted in the results."""
     batch_size: int = 8
+    """Examples (or label choices, for rank classification) per forward."""
     max_examples: Optional[int] = None
     """Per task (the first ones)."""
     split: str = "validation"
+    tasks: list[str] = field(default_factory=list)
+    """Tasks to evaluate (empty = every task with an input for ``split``)."""
+    metrics: dict[str, list[str]] = field(default_factory=dict)
+    """Per task, the metrics to report (empty = every metric of its type; see megamt.eval.metrics)."""
+    max_answer_tokens: int = 30
+    """Encoder span heads: the longest answer (tokens) considered when decoding QA spans."""
+
+    def problems(self, key: str, task_names: list[str]) -> list[str]:
+        out = []
+        for name in ("max_new_tokens", "batch_size", "max_answer_tokens"):
+            if getattr(self, name) < 1:
+                out.append(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            out.append(f"{key}.max_examples: must be >= 1, got {self.max_examples}")
+        for t in list(self.tasks) + list(self.metrics):
+            if t not in task_names:
+                out.append(f"{key}: unknown task {t!r} (tasks: {task_names})")
+        return out
 
 
 @dataclass
@@ -438,6 +457,7 @@ def validate(cfg: MultitaskConfig) -> MultitaskConfig:
     problems += cfg.mixture.problems("mixture", names)
     problems += cfg.train.problems("train")
     problems += cfg.gradients.problems("gradients", names)
+    problems += cfg.eval.problems("eval", names)
     if cfg.mixture.strategy == "explicit":
         for name in cfg.train_task_names:
             if cfg.tasks[name].weight is None:
