@@ -225,7 +225,8 @@ def demo_spec(corpus_rel: str = "corpus") -> dict:
                       "fields": {"text": "sentence", "label": "label"}, "labels": ["negative", "positive"]},
         "nli": {"task_type": "classification", "inputs": inputs("nli", "csv", "csv", quoting=True),
                 "fields": {"text": "premise", "text_pair": "hypothesis", "label": "label"},
-                "labels": ["entailment", "not_entailment"]},
+                "labels": ["entailment", "not_entailment"],
+                "verbalizers": {"entailment": "yes", "not_entailment": "no"}},
         "qa": {"task_type": "extractive_qa", "inputs": inputs("qa", "json", "squad")},
         "ner": {"task_type": "ner", "inputs": inputs("ner", "conll", "conll"), "labels": ["LOC", "ORG", "PER"]},
         "summ": {"task_type": "summarization", "inputs": inputs("summ", "jsonl", "jsonl")},
@@ -238,20 +239,37 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 
 
 def build_tokenizer(texts, out_dir: Path, vocab_size: int = 2000) -> Path:
-    """Train a WordPiece tokenizer on ``texts`` and save it as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer for ``texts``, saved as a ``PreTrainedTokenizerFast``.
+
+    The vocabulary is built deterministically (``tokenizers``' WordPiece trainer iterates a
+    hash map, so two runs differ): the special tokens, every character seen (alone and as a
+    ``##`` continuation), then whole words by descending frequency (ties alphabetical) up to
+    ``vocab_size``. Words outside the vocabulary fall back to characters.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    norm, pre = normalizers.NFC(), pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab: dict[str, int] = {}
+    for tok in SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tk.normalizer = norm
+    tk.pre_tokenizer = pre
     tk.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
-    tk.train_from_iterator(texts, trainer=trainer)
-    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
     tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="<s>", eos_token="</s>",
                                    model_max_length=4096, clean_up_tokenization_spaces=False)
