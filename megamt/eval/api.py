@@ -1,0 +1,553 @@
+"""Per-task evaluation on the Python API: ``evaluate`` and ``evaluate_zero_shot``.
+
+``megamt eval`` and ``MultitaskModel.evaluate`` / ``evaluate_zero_shot`` all land here.
+
+For each evaluated task: read the split's raw examples (``megamt.data.formats.read_examples``:
+the references are the source's, never re-derived from tokens), give every rank the
+examples ``i`` with ``i % world_size == rank`` (each example exactly once), predict, gather
+the predictions on rank 0 and score them with :mod:`megamt.eval.metrics`.
+
+Predictions by model family:
+
+- causal LM: the task's evaluation template renders the prompt (one fixed template per
+  task, recorded in the results); classification is T0 rank classification over the
+  verbalised labels; QA, NER (tagged-span text, parsed back to IOB2 tags) and
+  summarization/instruction use batched greedy generation bounded by ``max_new_tokens``
+  (generations cut at the bound are counted, ``cut_generations``);
+- encoder + heads: each example is encoded alone (one per row, same special tokens as the
+  shards); class = argmax of its head at the first token, NER tag = argmax at each word's
+  first sub-token (words cut by ``seq_len`` count as ``O``), QA answer = the best
+  context span (start <= end, at most ``max_answer_tokens``) mapped back to the text.
+
+A task held out of training (``zero_shot``) is evaluated the same way; with a supervised
+reference (``supervised=``: an ``eval.json`` path or ``{task: {metric: value}}``), each
+of its metrics gets ``supervised`` and ``ratio`` = zero-shot / supervised (T0/FLAN style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megamt.config import InputConfig, MultitaskConfig, TaskConfig
+from megamt.eval import metrics as M
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (unknown task or metric, empty split, wrong tokenizer ...)."""
+
+
+@dataclass
+class EvalTask:
+    """One task to evaluate: its config (for reading and templates) and what to measure."""
+
+    name: str
+    task: TaskConfig
+    split: str = "validation"
+    metrics: list[str] = field(default_factory=list)
+    """Empty = every metric of the task type."""
+    template: Optional[str] = None
+    """Causal LMs: the template that renders prompts (name or inline); None = the first fitting one."""
+    max_examples: Optional[int] = None
+
+
+# --------------------------------------------------------------------------- model access
+
+
+def model_family(model) -> tuple[str, Any]:
+    """(family, module): ``encoder`` -> the EncoderWithHeads, ``causal_lm`` -> the HF causal LM."""
+    from megamt.heads import EncoderWithHeads
+
+    if isinstance(model, EncoderWithHeads):
+        return "encoder", model
+    inner = getattr(model, "backbone", None)
+    if isinstance(inner, EncoderWithHeads):
+        return "encoder", inner
+    if getattr(model, "family", None) == "causal_lm" and inner is not None:
+        return "causal_lm", inner
+    return "causal_lm", model
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def check_tokenizer_matches(tok, model, where: str = "", manifest_dir: str | None = None) -> None:
+    """Refuse a tokenizer the model was not trained with.
+
+    Two checks: the tokenizer's ids must fit the model's vocabulary, and, when the shards
+    manifest is at hand, its vocabulary hash must equal the one the shards were built with.
+    """
+    from megamt.data.tokenize import vocab_hash
+
+    _, inner = model_family(model)
+    hf_cfg = getattr(getattr(inner, "backbone", inner), "config", None)
+    vocab = getattr(hf_cfg, "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise EvalError(f"{where or 'model'}: the tokenizer {getattr(tok, 'name_or_path', '')!r} has {len(tok)} "
+                        f"tokens but the model's vocabulary holds {vocab}: the checkpoint was trained with another "
+                        f"tokenizer; use the tokenizer saved with it (data.tokenizer)")
+    if manifest_dir and (Path(manifest_dir) / "manifest.json").is_file():
+        manifest = json.loads((Path(manifest_dir) / "manifest.json").read_text())
+        want = manifest.get("tokenizer", {}).get("vocab_hash")
+        have = vocab_hash(tok)
+        if want and have != want:
+            raise EvalError(f"{Path(manifest_dir) / 'manifest.json'}: the model was trained on shards tokenized with "
+                            f"{manifest['tokenizer'].get('path')!r} (vocab hash {want[:12]}…) but the evaluation "
+                            f"tokenizer {getattr(tok, 'name_or_path', '')!r} has hash {have[:12]}…; evaluate with the "
+                            f"training tokenizer")
+
+
+# --------------------------------------------------------------------------- task resolution
+
+
+def resolve_tasks(config: MultitaskConfig, tasks=None, *, split: str | None = None,
+                  max_examples: int | None = None) -> list[EvalTask]:
+    """Normalise ``tasks`` (None = every task of the config that has the split) to EvalTasks.
+
+    Entries may be task names of the config, EvalTask objects, or a mapping
+    ``{name: {metrics, template, split, max_examples, <TaskConfig fields for a new task>}}``.
+    Unknown task names and unknown metrics raise one EvalError listing every problem.
+    """
+    ecfg = config.eval
+    split = split or ecfg.split
+    max_examples = max_examples if max_examples is not None else ecfg.max_examples
+    problems: list[str] = []
+    out: list[EvalTask] = []
+    if tasks is None:
+        names = list(ecfg.tasks) or [n for n, t in config.tasks.items() if split in t.inputs]
+        if not names:
+            raise EvalError(f"no task of the config has a {split!r} input; name the tasks to evaluate "
+                            f"or the split (eval.split)")
+        tasks = names
+    if isinstance(tasks, (str, EvalTask)):
+        tasks = [tasks]
+    if isinstance(tasks, dict):
+        items = list(tasks.items())
+    else:
+        items = [(t.name, t) if isinstance(t, EvalTask) else (t, {}) for t in tasks]
+    for name, entry in items:
+        if isinstance(entry, EvalTask):
+            et = entry
+        else:
+            entry = dict(entry or {})
+            eval_keys = {k: entry.pop(k) for k in ("metrics", "template", "split", "max_examples") if k in entry}
+            if name in config.tasks and not entry:
+                task = config.tasks[name]
+            elif entry:
+                from megamt.config import _build
+
+                sub: list[str] = []
+                base = dataclasses.asdict(config.tasks[name]) if name in config.tasks else {}
+                task = _build(TaskConfig, {**base, **entry}, f"tasks.{name}", sub)
+                sub += task.problems(f"tasks.{name}") if not sub else []
+                if sub:
+                    problems += sub
+                    continue
+            else:
+                problems.append(f"tasks.{name}: unknown task (the model's config has {sorted(config.tasks)}); "
+                                f"to evaluate a task held out of training give its task_type and inputs")
+                continue
+            et = EvalTask(name, task, split=eval_keys.get("split", split),
+                          metrics=list(eval_keys.get("metrics") or ecfg.metrics.get(name, [])),
+                          template=eval_keys.get("template"),
+                          max_examples=eval_keys.get("max_examples", max_examples))
+        problems += M.check_metrics(f"tasks.{name}", et.task.task_type, et.metrics)
+        if et.split not in et.task.inputs:
+            problems.append(f"tasks.{name}.inputs: no {et.split!r} split to evaluate (has {sorted(et.task.inputs)})")
+        out.append(et)
+    if problems:
+        raise EvalError("invalid evaluation request:\n  - " + "\n  - ".join(problems))
+    return out
+
+
+def _read(et: EvalTask) -> list:
+    from megamt.data.formats import read_examples
+
+    from megamt.data.errors import DataError
+
+    examples = []
+    try:
+        for ex in read_examples(et.name, et.task, et.split, check_labels=False):
+            examples.append(ex)
+            if et.max_examples is not None and len(examples) >= et.max_examples:
+                break
+    except DataError as e:
+        if "empty_input" in str(e) or getattr(e, "reason", "") == "empty_input":
+            raise EvalError(f"tasks.{et.name}.inputs.{et.split}: the eval split is empty ({e})") from None
+        raise
+    if not examples:
+        raise EvalError(f"tasks.{et.name}.inputs.{et.split}: the eval split is empty "
+                        f"({et.task.inputs[et.split].path}); nothing to evaluate")
+    return examples
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokenizer=None,
+             split: str | None = None, max_examples: int | None = None, max_new_tokens: int | None = None,
+             batch_size: int | None = None, out_dir: str | Path | None = None,
+             supervised: dict | str | Path | None = None, zero_shot: Sequence[str] = (),
+             progress: bool = True, write_predictions: bool = True) -> dict:
+    """Per-task metrics of ``model`` (a MultitaskModel, EncoderWithHeads or HF causal LM).
+
+    Returns ``{"tasks": {name: {...}}, ...}`` on every rank (rank 0 computes the metrics and
+    broadcasts them); rank 0 writes ``eval.json`` + ``eval.md`` into ``out_dir`` when given.
+    """
+    config = config if config is not None else getattr(model, "config", None)
+    if not isinstance(config, MultitaskConfig):
+        raise EvalError("evaluate: pass config= (the MultitaskConfig the model was built with)")
+    ecfg = config.eval
+    max_new_tokens = max_new_tokens or ecfg.max_new_tokens
+    batch_size = batch_size or ecfg.batch_size
+    family, module = model_family(model)
+    if tokenizer is None:
+        from megamt.data.tokenize import load_tokenizer
+
+        if not config.data.tokenizer:
+            raise EvalError("evaluate: no tokenizer (set data.tokenizer or pass tokenizer=)")
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    eval_tasks = resolve_tasks(config, tasks, split=split, max_examples=max_examples)
+    rank, world = _dist()
+    was_training = module.training
+    module.eval()
+    results: dict[str, Any] = {"family": family, "world_size": world, "tasks": {}}
+    try:
+        for et in eval_tasks:
+            t0 = time.perf_counter()
+            examples = _read(et)
+            mine = list(range(rank, len(examples), world))
+            if family == "encoder":
+                local, template = _predict_encoder(module, tokenizer, config, et, examples, mine, batch_size, progress)
+            else:
+                local, template = _predict_causal(module, tokenizer, config, et, examples, mine, batch_size,
+                                                  max_new_tokens, progress)
+            gathered = _gather(local, world)
+            entry: dict[str, Any] = {"task_type": et.task.task_type, "split": et.split, "template": template,
+                                     "zero_shot": bool(et.task.zero_shot or et.name in zero_shot)}
+            if rank == 0:
+                entry.update(_score(et, examples, gathered))
+                entry["seconds"] = round(time.perf_counter() - t0, 3)
+                if out_dir is not None and write_predictions:
+                    _write_predictions(Path(out_dir), et.name, examples, gathered)
+            results["tasks"][et.name] = entry
+    finally:
+        module.train(was_training)
+    if rank == 0:
+        _attach_supervised(results, supervised)
+        if out_dir is not None:
+            from megamt.eval.report import write_report
+
+            write_report(results, out_dir)
+    return _broadcast(results, world)
+
+
+def evaluate_zero_shot(model, task_name: str, test_dataset, task_type: str, *, labels: list[str] | None = None,
+                       instruction: str | None = None, templates: list[str] | None = None,
+                       fields: dict[str, str] | None = None, verbalizers: dict[str, str] | None = None,
+                       metrics: list[str] | None = None, template: str | None = None, split: str = "test",
+                       config: MultitaskConfig | None = None, **kwargs) -> dict:
+    """Evaluate a task the model never trained on.
+
+    ``test_dataset``: a file path (any megamt input format), an ``InputConfig``, a
+    ``datasets.Dataset`` or a list of records (dicts with the task type's fields, mapped by
+    ``fields``). ``instruction`` (free text) is prepended to every prompt; ``templates``
+    may hold the new task's own instruction template(s) (``"... {text} ... ||| {answer}"``).
+    Other keyword arguments go to :func:`evaluate` (``supervised=`` for the ratio).
+    """
+    config = config if config is not None else getattr(model, "config", None)
+    if not isinstance(config, MultitaskConfig):
+        raise EvalError("evaluate_zero_shot: pass config= (the MultitaskConfig the model was built with)")
+    if task_type not in M.METRICS_BY_TYPE:
+        raise EvalError(f"evaluate_zero_shot: task_type {task_type!r} is not one of {sorted(M.METRICS_BY_TYPE)}")
+    family, _ = model_family(model)
+    if family == "encoder":
+        raise EvalError(f"evaluate_zero_shot({task_name!r}): an encoder with task heads has no head for a task it "
+                        f"never trained on; zero-shot transfer needs the causal_lm family (text-to-text)")
+    inp = _dataset_input(task_name, test_dataset, kwargs.get("out_dir"))
+    task = TaskConfig(task_type=task_type, inputs={split: inp}, fields=dict(fields or {}), labels=labels,
+                      verbalizers=verbalizers, templates=list(templates or []), zero_shot=True,
+                      instruction=instruction)
+    problems = task.problems(f"tasks.{task_name}")
+    if problems:
+        raise EvalError("; ".join(problems))
+    et = EvalTask(task_name, task, split=split, metrics=list(metrics or []), template=template,
+                  max_examples=kwargs.pop("max_examples", None))
+    return evaluate(model, [et], config=config, zero_shot=[task_name], **kwargs)
+
+
+def _dataset_input(task_name: str, test_dataset, out_dir) -> InputConfig:
+    if isinstance(test_dataset, InputConfig):
+        return test_dataset
+    if isinstance(test_dataset, (str, Path)):
+        if not Path(test_dataset).exists():
+            raise EvalError(f"evaluate_zero_shot({task_name!r}): test_dataset {str(test_dataset)!r} does not exist")
+        return InputConfig(path=str(test_dataset))
+    records = list(test_dataset)  # a datasets.Dataset iterates as dicts too
+    if not records:
+        raise EvalError(f"evaluate_zero_shot({task_name!r}): test_dataset is empty; nothing to evaluate")
+    import tempfile
+
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="megamt-zeroshot-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task_name}.zero_shot.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(dict(r), ensure_ascii=False) + "\n")
+    return InputConfig(path=str(path), format="jsonl")
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+def _template(et: EvalTask, example) -> Any:
+    from megamt.data.templates import REGISTRY, Template, resolve_templates
+
+    if et.template:
+        if et.template in REGISTRY:
+            return REGISTRY[et.template]
+        if "{" not in et.template:
+            raise EvalError(f"tasks.{et.name}.template: {et.template!r} is neither a registered template "
+                            f"nor an inline one with {{slots}}")
+        prompt, _, target = et.template.partition("|||")
+        return Template("eval_inline", et.task.task_type, prompt.strip() + "\n", target.strip() or "{answer}")
+    templates = resolve_templates(et.task)
+    if et.task.task_type == "classification":
+        pair = "text_pair" in example.fields
+        templates = [t for t in templates if ("text_pair" in t.slots) == pair] or templates
+    return templates[0]
+
+
+def _encode_text(tok, text: str, bos: int | None) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ([bos] if bos is not None else []) + ids
+
+
+def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, max_new_tokens, progress):
+    from megamt.data.formats import Example, resolve_labels
+    from megamt.data.templates import render
+    from megamt.data.tokenize import special_ids
+    from megamt.eval.generation import greedy_generate, rank_classify
+
+    ids = special_ids(tok)
+    ttype = et.task.task_type
+    labels = resolve_labels(et.name, et.task)
+    tpl = _template(et, examples[0])
+    rng = random.Random(0)  # unused: a single template is always chosen
+    prompts, choices = [], []
+    for i in mine:
+        ex = examples[i]
+        prompt, _, _ = render(ex, et.task, rng, labels=labels, templates=[tpl])
+        prompts.append(_encode_text(tok, prompt, ids["bos"]))
+        if ttype == "classification":
+            opts = []
+            for lab in labels:
+                _, target, _ = render(Example(ex.key, ex.task, ex.task_type, {**ex.fields, "label": lab}),
+                                      et.task, rng, labels=labels, templates=[tpl])
+                opts.append(tok(target, add_special_tokens=False)["input_ids"] + [ids["eos"]])
+            choices.append(opts)
+    bar = _bar(len(mine), f"eval {et.name}", progress)
+    local = []
+    if ttype == "classification":
+        picks = rank_classify(lm, prompts, choices, pad_id=ids["pad"], batch_size=batch_size,
+                              max_length=config.data.seq_len, progress=bar)
+        local = [(i, labels[p], True) for i, p in zip(mine, picks)]
+    else:
+        gens = greedy_generate(lm, prompts, eos_id=ids["eos"], pad_id=ids["pad"], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, max_length=config.data.seq_len, progress=bar)
+        for i, g in zip(mine, gens):
+            text = tok.decode(g.ids, skip_special_tokens=True).strip()
+            local.append((i, text, g.stopped))
+    if bar is not None:
+        bar.close()
+    return local, tpl.name
+
+
+# --------------------------------------------------------------------------- encoder + heads
+
+
+def _encoder_features(tok, ex, ttype: str, max_len: int) -> dict:
+    f = ex.fields
+    if ttype == "classification":
+        enc = tok(f["text"], f["text_pair"], truncation="longest_first", max_length=max_len) if "text_pair" in f \
+            else tok(f["text"], truncation=True, max_length=max_len)
+        return {"input_ids": enc["input_ids"]}
+    if ttype == "ner":
+        enc = tok(f["tokens"], is_split_into_words=True, truncation=True, max_length=max_len)
+        words, first, prev = enc.word_ids(), [], None
+        for pos, w in enumerate(words):
+            if w is not None and w != prev:
+                first.append((w, pos))
+            prev = w
+        return {"input_ids": enc["input_ids"], "first_subtokens": first}
+    enc = tok(f["question"], f["context"], truncation="only_second", max_length=max_len, return_offsets_mapping=True)
+    seq = enc.sequence_ids()
+    ctx = [p for p, s in enumerate(seq) if s == 1]
+    return {"input_ids": enc["input_ids"], "context_tokens": ctx, "offsets": enc["offset_mapping"]}
+
+
+def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch_size, progress):
+    name, ttype = et.name, et.task.task_type
+    if name not in enc_model.heads:
+        raise EvalError(f"tasks.{name}: the encoder has no head for this task (heads: {sorted(enc_model.heads)}); "
+                        f"an encoder can only be evaluated on tasks it has a trained head for")
+    if name in getattr(enc_model, "untrained_heads", []):
+        raise EvalError(f"tasks.{name}: the head of this task was not in the loaded model (it would be random)")
+    t = enc_model.task_names.index(name)
+    labels = enc_model.label_names[name]
+    device = next(enc_model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    max_answer = config.eval.max_answer_tokens
+    bar = _bar(len(mine), f"eval {name}", progress)
+    local = []
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start:start + batch_size]
+            feats = [_encoder_features(tok, examples[i], ttype, config.data.seq_len) for i in rows]
+            L = max(len(x["input_ids"]) for x in feats)
+            batch = {"input_ids": torch.full((len(rows), L), pad, dtype=torch.long),
+                     "segment_ids": torch.full((len(rows), L), -1, dtype=torch.long),
+                     "task_ids": torch.full((len(rows), L), -1, dtype=torch.long),
+                     "position_ids": torch.arange(L).repeat(len(rows), 1)}
+            for r, x in enumerate(feats):
+                n = len(x["input_ids"])
+                batch["input_ids"][r, :n] = torch.tensor(x["input_ids"])
+                batch["segment_ids"][r, :n] = 0
+                batch["task_ids"][r, :n] = t
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = enc_model.encode(batch)
+            head = enc_model.heads[name]
+            for r, (i, x) in enumerate(zip(rows, feats)):
+                ex = examples[i]
+                if ttype == "classification":
+                    local.append((i, labels[int(head(hidden[r, 0]).argmax())], True))
+                elif ttype == "ner":
+                    pred = ["O"] * len(ex.fields["tokens"])
+                    if x["first_subtokens"]:
+                        pos = torch.tensor([p for _, p in x["first_subtokens"]], device=device)
+                        tags = head(hidden[r, pos]).argmax(-1).tolist()
+                        for (w, _), k in zip(x["first_subtokens"], tags):
+                            pred[w] = labels[k]
+                    local.append((i, pred, True))
+                else:
+                    local.append((i, _best_span(head(hidden[r]), x, ex.fields["context"], max_answer), True))
+            if bar is not None:
+                bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return local, "encoder head"
+
+
+def _best_span(logits: torch.Tensor, feats: dict, context: str, max_answer: int) -> str:
+    ctx = feats["context_tokens"]
+    if not ctx:
+        return ""
+    idx = torch.tensor(ctx, device=logits.device)
+    s, e = logits[idx, 0].float(), logits[idx, 1].float()
+    score = s[:, None] + e[None, :]
+    n = len(ctx)
+    ok = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu().tril(max_answer - 1)
+    score = score.masked_fill(~ok, float("-inf"))
+    best = int(score.argmax())
+    a, b = ctx[best // n], ctx[best % n]
+    off = feats["offsets"]
+    return context[off[a][0]:off[b][1]]
+
+
+# --------------------------------------------------------------------------- scoring and gathering
+
+
+def _score(et: EvalTask, examples, gathered) -> dict:
+    seen = sorted(i for i, _, _ in gathered)
+    if seen != list(range(len(examples))):
+        raise RuntimeError(f"tasks.{et.name}: ranks returned {len(seen)} predictions for {len(examples)} examples "
+                           f"(each must be predicted exactly once)")
+    by_index = {i: (p, stopped) for i, p, stopped in gathered}
+    ttype = et.task.task_type
+    if ttype == "ner":  # generated entity types are kept when they are types of the task
+        types = set(_entity_types(et))
+        for ex in examples:
+            types.update(g[2:] for g in ex.fields["tags"] if g != "O")
+    refs, preds = [], []
+    for i, ex in enumerate(examples):
+        p = by_index[i][0]
+        f = ex.fields
+        if ttype == "classification":
+            refs.append(f["label"])
+        elif ttype == "extractive_qa":
+            refs.append([a["text"] for a in f["answers"]])
+        elif ttype == "ner":
+            refs.append(f["tags"])
+            if isinstance(p, str):  # generated tagged-span text -> IOB2 tags over the words
+                p = M.parse_entities(p, f["tokens"], sorted(types) or None)
+        elif ttype == "summarization":
+            refs.append(f["summary"])
+        else:
+            refs.append(f["response"])
+        preds.append(p)
+    values = M.compute_metrics(ttype, refs, preds, et.metrics or None)
+    return {"metrics": values, "n_examples": len(examples),
+            "cut_generations": sum(not s for _, s in by_index.values())}
+
+
+def _entity_types(et: EvalTask) -> list[str]:
+    labels = et.task.labels or []
+    return [l[2:] if l[:2] in ("B-", "I-") else l for l in labels if l != "O"]
+
+
+def _gather(local: list, world: int) -> list:
+    if world == 1:
+        return local
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    return [x for part in parts for x in part]
+
+
+def _broadcast(results: dict, world: int) -> dict:
+    if world == 1:
+        return results
+    box = [results]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _attach_supervised(results: dict, supervised) -> None:
+    """Zero-shot task metrics get the supervised score of the same task and the ratio."""
+    if supervised is None:
+        return
+    if isinstance(supervised, (str, Path)):
+        data = json.loads(Path(supervised).read_text())
+        supervised = {n: e["metrics"] for n, e in data.get("tasks", {}).items() if "metrics" in e}
+    for name, entry in results["tasks"].items():
+        ref = supervised.get(name)
+        if not ref or "metrics" not in entry:
+            continue
+        entry["supervised"] = {m: ref[m] for m in entry["metrics"] if m in ref}
+        entry["ratio"] = {m: (entry["metrics"][m] / v if v else math.nan) for m, v in entry["supervised"].items()}
+
+
+def _write_predictions(out_dir: Path, name: str, examples, gathered) -> None:
+    folder = out_dir / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        for i, p, stopped in sorted(gathered, key=lambda x: x[0]):
+            f.write(json.dumps({"key": examples[i].key, "prediction": p, "stopped": stopped}, ensure_ascii=False) + "\n")
+
+
+def _bar(total: int, desc: str, progress: bool):
+    if not progress or _dist()[0] != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
