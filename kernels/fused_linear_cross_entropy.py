@@ -109,16 +109,16 @@ def _validate(hidden, weight, labels, task_ids, num_tasks, bias, ignore_index, l
     where = "fused_linear_task_cross_entropy"
     if backend not in BACKENDS:
         raise ValueError(f"{where}: backend={backend!r}; expected one of {BACKENDS}")
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(
-            f"{where}: hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)} (flatten batch and sequence dims first: hidden.reshape(-1, H))"
-        )
-    if weight.shape[0] == 0 or weight.numel() == 0:
+    if weight.numel() == 0:
         raise ValueError(
             f"{where}: weight has shape {tuple(weight.shape)}. Under DeepSpeed ZeRO-3 the LM head "
             "is a 0-size shard outside its module's forward: gather it "
             "(deepspeed.zero.GatheredParameters) inside the engine's forward before this call"
+        )
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"{where}: hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)} (flatten batch and sequence dims first: hidden.reshape(-1, H))"
         )
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{where}: hidden is [N, {hidden.shape[1]}] but weight is [V, {weight.shape[1]}]")

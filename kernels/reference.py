@@ -29,10 +29,11 @@ def reference_linear_task_cross_entropy(
 
     ``F.linear`` → ``F.cross_entropy(reduction="none", label_smoothing=...)`` (in fp32)
     → ``+ z_loss * logsumexp(logits)**2`` (PaLM's z-loss) on non-ignored tokens →
-    ``scatter_add`` by task. Returns ``(loss_sum [T], count [T])`` in fp32; ``count``
-    is not differentiable. Ignored tokens may carry any task id (-1 included).
+    ``scatter_add`` by task. Returns ``(loss_sum [T], count [T])`` in fp32 (float64 for
+    float64 inputs: the tests' ground truth); ``count`` is not differentiable. Ignored tokens may carry any task id (-1 included).
     """
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
     per_token = F.cross_entropy(
         logits, labels, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
     )
@@ -41,7 +42,7 @@ def reference_linear_task_cross_entropy(
         per_token = per_token + z_loss * torch.logsumexp(logits, dim=-1).square()
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
     safe_tasks = torch.where(valid, task_ids, torch.zeros_like(task_ids)).long()
-    zeros = torch.zeros(num_tasks, dtype=torch.float32, device=hidden.device)
+    zeros = torch.zeros(num_tasks, dtype=logits.dtype, device=hidden.device)
     loss_sum = zeros.scatter_add(0, safe_tasks, per_token)
-    count = zeros.scatter_add(0, safe_tasks, valid.float())
+    count = zeros.scatter_add(0, safe_tasks, valid.to(zeros.dtype))
     return loss_sum, count
