@@ -1,0 +1,185 @@
+"""Packer and the packed-batch contract: labels shifted within examples, nothing lost or
+duplicated, never split, overlong policy counted, packed Llama forward == unpacked forward,
+encoder head labels."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from megamt.data.packing import IGNORE, Packer, PackItem, collate_rows
+
+PAD = 0
+
+
+def item(tokens, n_prompt, task_id=0):
+    return PackItem(np.asarray(tokens, dtype=np.int64), task_id, n_prompt=n_prompt)
+
+
+def random_items(rng, n, lo=3, hi=60, vocab=90):
+    out = []
+    for i in range(n):
+        length = rng.randint(lo, hi)
+        out.append(item([rng.randint(1, vocab) for _ in range(length)], rng.randint(1, length - 1), i % 3))
+    return out
+
+
+def segments(batch):
+    """(tokens, labels, task_id, positions) of every example segment in a batch."""
+    out = []
+    for b in range(batch["input_ids"].shape[0]):
+        seg = batch["segment_ids"][b]
+        for j in range(int(seg.max()) + 1):
+            m = seg == j
+            out.append((batch["input_ids"][b][m].tolist(), batch["labels"][b][m].tolist(),
+                        batch["task_ids"][b][m].unique().tolist(), batch["position_ids"][b][m].tolist()))
+    return out
+
+
+def test_contract_on_a_hand_built_row():
+    rows = [[item([5, 6, 7, 8], 2, 1), item([9, 10, 11], 1, 2)], [item([3, 4], 1, 0)]]
+    b = collate_rows(rows, 10, PAD)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 0, 0, 0], [3, 4] + [0] * 8]
+    # labels[t] = token t+1 when that token is a target token; -100 on prompt, last token, padding
+    assert b["labels"].tolist() == [[-100, 7, 8, -100, 10, 11, -100, -100, -100, -100], [4] + [-100] * 9]
+    assert b["task_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, -1, -1, -1], [0, 0] + [-1] * 8]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]]
+    assert b["segment_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, -1, -1, -1], [0, 0] + [-1] * 8]
+    assert b["cu_seqlens"].tolist() == [0, 4, 7, 10, 12, 20] and b["cu_seqlens"].dtype == torch.int32
+    assert b["max_seqlen"] == 8
+    assert all(b[k].dtype == torch.long for k in ("input_ids", "labels", "task_ids", "position_ids", "segment_ids"))
+
+
+@pytest.mark.parametrize("seq_len,buffer", [(64, 1), (128, 16), (512, 64)])
+def test_no_target_token_lost_or_duplicated(seq_len, buffer):
+    rng = random.Random(seq_len)
+    items = random_items(rng, 400)
+    packer = Packer(seq_len, buffer)
+    rows = []
+    for it in items:
+        packer.add(it)
+        if packer.full:
+            rows.append(packer.pop_row())
+    while len(packer):
+        rows.append(packer.pop_row())
+    segs = []
+    for i in range(0, len(rows), 4):
+        b = collate_rows(rows[i:i + 4], seq_len, PAD)
+        assert b["input_ids"].shape == (min(4, len(rows) - i), seq_len)
+        segs += segments(b)
+    # every example exactly once, whole (never split), positions restart at 0
+    assert Counter(tuple(s[0]) for s in segs) == Counter(tuple(it.tokens.tolist()) for it in items)
+    by_tokens = {tuple(it.tokens.tolist()): it for it in items}
+    n_target = 0
+    for toks, labels, tids, pos in segs:
+        it = by_tokens[tuple(toks)]
+        p = it.n_prompt
+        assert labels == [IGNORE] * (p - 1) + toks[p:] + [IGNORE]
+        assert tids == [it.task_id] and pos == list(range(len(toks)))
+        n_target += sum(l != IGNORE for l in labels)
+    assert n_target == sum(len(it) - it.n_prompt for it in items)
+    eff = sum(len(it) for it in items) / (len(rows) * seq_len)
+    if buffer >= 16:
+        assert eff > 0.93, eff
+
+
+def test_overlong_truncate_and_reject_are_counted():
+    long = item(list(range(1, 31)), 20)  # 20 prompt + 10 target tokens
+    p = Packer(16, 4, "truncate")
+    assert p.add(long) and p.stats["truncated"] == 1
+    (got,) = p.pop_row()
+    # first prompt token kept, prompt cut from the left, target whole
+    assert got.tokens.tolist() == [1, 16, 17, 18, 19, 20] + list(range(21, 31)) and got.n_prompt == 6
+    p.add(item(list(range(1, 31)), 2))  # the target alone is too long: cut from the right
+    (got,) = p.pop_row()
+    assert got.tokens.tolist() == [1] + list(range(3, 18)) and got.n_prompt == 1
+    r = Packer(16, 4, "reject")
+    assert not r.add(long) and r.stats["overlong"] == 1 and len(r) == 0
+
+
+def test_oldest_first_best_fit_and_state_round_trip():
+    p = Packer(10, 8)
+    for n in (6, 3, 4, 2, 5):
+        p.add(item(list(range(1, n + 1)), 1))
+    assert [len(x) for x in p.pop_row()] == [6, 4]   # oldest (6), then the longest that fits (4)
+    state = p.state_dict()
+    q = Packer(10, 8)
+    q.load_state_dict(state)
+    assert [[x.tokens.tolist() for x in p.pop_row()] for _ in range(2)] == \
+           [[x.tokens.tolist() for x in q.pop_row()] for _ in range(2)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_llama_forward_equals_unpacked(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg._attn_implementation = attn
+    model = LlamaForCausalLM(cfg).eval()
+    rng = random.Random(1)
+    rows = [[item([rng.randint(1, 99) for _ in range(n)], 2, k) for k, n in enumerate(lens)]
+            for lens in ((9, 17, 5), (30,), (4, 4, 4, 4))]
+    b = collate_rows(rows, 40, PAD)
+    with torch.no_grad():
+        packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+        for r, row in enumerate(rows):
+            o = 0
+            for it in row:
+                alone = model(input_ids=torch.from_numpy(it.tokens)[None], use_cache=False).logits[0]
+                torch.testing.assert_close(packed[r, o:o + len(it)], alone, atol=1e-5, rtol=0)
+                o += len(it)
+
+
+def test_encoder_head_labels(tmp_path):
+    from megamt.config import load_config
+    from megamt.data.pipeline import eval_batches
+    from megamt.data.shards import build_shards, read_shard, split_shards
+    from megamt.data.synthetic import make_demo_assets
+    from megamt.data.tokenize import load_tokenizer
+
+    a = make_demo_assets(tmp_path, n_train=8, n_val=12)
+    cfg = load_config(a.spec, ["data.objective=encoder", "data.seq_len=64", "train.micro_batch_size=2"])
+    m = build_shards(cfg, a.shards, a.tokenizer, progress=False, log=None)
+    tok = load_tokenizer(a.tokenizer)
+    names = list(cfg.tasks)
+    for task in ("sentiment", "nli", "qa", "ner", "summ"):
+        tid = names.index(task)
+        samples = [s for p, n in split_shards(m, a.shards, task, "validation") for s in read_shard(p, n)]
+        by_ids = {tuple(s["enc_ids"].tolist()): s for s in samples}
+        seen = 0
+        for b in eval_batches(cfg, task, "validation", num_workers=0):
+            assert (b["labels"] == IGNORE).all()
+            for r in range(b["input_ids"].shape[0]):
+                seg = b["segment_ids"][r]
+                for j in range(int(seg.max()) + 1):
+                    mask = seg == j
+                    ids = b["input_ids"][r][mask].tolist()
+                    s = by_ids[tuple(ids)]
+                    seen += 1
+                    assert (b["task_ids"][r][mask] == tid).all() and ids[0] == tok.cls_token_id
+                    cls, tags = b["cls_labels"][r][mask], b["tag_labels"][r][mask]
+                    st, en = b["start_labels"][r][mask], b["end_labels"][r][mask]
+                    if task in ("sentiment", "nli"):
+                        assert cls.tolist() == [s["meta"]["class_id"]] + [IGNORE] * (len(ids) - 1)
+                    else:
+                        assert (cls == IGNORE).all()
+                    if task == "ner":
+                        assert tags.tolist() == s["enc_tags"].tolist()
+                        assert [m["tasks"]["ner"]["labels"][t] for t in tags[tags != IGNORE]] == s["meta"]["references"]
+                    else:
+                        assert (tags == IGNORE).all()
+                    if task == "qa":
+                        assert int((st == 1).sum()) == 1 and int((en == 1).sum()) == 1
+                        i, k = int(st.argmax()), int(en.argmax())
+                        assert tok.decode(ids[i:k + 1]) == s["meta"]["references"][0]
+                        c0, c1 = s["meta"]["ctx_span"]
+                        assert (st[c0:c1 + 1] >= 0).all() and (st[:c0] == IGNORE).all() and (st[c1 + 1:] == IGNORE).all()
+                    else:
+                        assert (st == IGNORE).all() and (en == IGNORE).all()
+        assert seen == len(samples) == 12
