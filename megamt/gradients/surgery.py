@@ -1,0 +1,287 @@
+"""Gradient surgery on DeepSpeed ZeRO-3 gradient partitions.
+
+No device holds a full gradient under ZeRO-3, let alone one per task. Each rank holds
+the averaged gradient *partition* of every parameter, and that is enough:
+
+1. One task-homogeneous micro-batch per task inside one accumulation window; after
+   each task's ``engine.backward()`` we copy the rank's running-sum partition
+   (``deepspeed.utils.safe_get_local_grad``; the reduce-scatter has added this
+   task's contribution) into row ``k`` of a flat ``[T, n_local]`` fp32 buffer.
+2. ``finish()``: rows become per-task partitions by differencing consecutive
+   snapshots in place (``row_k -= row_{k-1}``, last to first; DeepSpeed copies, not
+   adds, on the first micro-step of a window, so row 0 is task 0's partition already).
+   The local Gram matrix (``megamt.kernels.task_gram``) over disjoint partitions sums
+   to the global one: ONE all-reduce of ``T x T`` numbers. Every rank computes the
+   same coefficients from it (``methods.py``), forms its combined partition
+   ``sum_j c_j g_j`` locally (``task_combine``) and writes it back with
+   ``safe_set_local_grad`` before ``engine.step()``.
+
+Scaling. ``engine.backward(loss)`` divides the loss by ``gradient_accumulation_steps``
+(``scale_wrt_gas=True``, the default) and ZeRO-3 averages over the data-parallel ranks,
+so a snapshot difference is ``g_t = mean_ranks(grad L_t) / GAS``. The Gram matrix,
+cosines and norms in :class:`SurgeryStats` are reported for ``grad L_t`` (multiplied
+back by GAS), i.e. in units of each task's (balancer-weighted) loss. The coefficients
+are scale-invariant and are applied to the DeepSpeed-scaled ``g_t``: the written
+gradient is ``sum_j c_j g_j = (1/GAS) sum_j c_j grad L_j``. With ``method=sum``
+(``c = 1``) that is exactly what DeepSpeed accumulated, the sum of per-task gradients
+in DeepSpeed's units, so nothing is written back (measure-only); any method whose
+coefficients are all ones (PCGrad/GradVac without conflicts) leaves the step unchanged.
+
+Memory: ``T * n_local`` fp32 (``n_local = params / world_size``), e.g. 4 tasks on a
+7B model over 8 ranks = 4 * 0.875e9 * 4 B = 14 GB per rank. It is allocated once.
+
+DeepSpeed support (checked in deepspeed 0.19.8 source, ``utils/tensor_fragment.py``,
+``runtime/zero/stage3.py``):
+- ZeRO-3: ``safe_get_local_grad`` returns the rank's fp32 partition of the running
+  sum (for a non-offloaded optimizer it is a view of ``grad_partitions_flat_buffer``);
+  ``safe_set_local_grad`` copies into the same storage, which the optimizer step and
+  the gradient-norm/clipping computation read. Tested on 2 CPU ranks
+  (tests/integration/test_grad_surgery.py).
+- ZeRO-3 + CPU offload (``offload_optimizer``): ``safe_get_local_grad`` reads the
+  optimizer's fp32 ``.grad``, which DeepSpeed fills only at the accumulation boundary,
+  so mid-window snapshots read the partition buffer that accumulates every backward
+  (``__param_id_to_grad_partition``, private). Write-back goes through
+  ``safe_set_local_grad`` (it also refreshes the per-param norm used for clipping) and
+  into the partition buffer, so a boundary copy after ``finish()`` (unmanaged
+  accumulation) copies the combined gradient. NVMe offload is refused.
+- ZeRO-0/1/2: DeepSpeed's local-gradient API is ZeRO-3 only (``assert hasattr(param,
+  'ds_id')``); ZeRO-1/2 keep per-micro-step state in ``_hp_mapping`` fragments and
+  compact partition buffers whose contents depend on the offload/bucketing mode. Not
+  supported: the constructor raises and says so.
+- fp16 with dynamic loss scaling is refused (partitions carry the loss scale until
+  the step); bf16/fp32 are fine (snapshots are fp32).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from megamt.gradients.methods import GradientMethod, build_method, cosine_matrix
+
+COMBINE_CHUNK = 1 << 24
+"""Columns per chunk of the in-place combine into row 0 (bounds the temporary)."""
+
+
+@dataclass
+class SurgeryStats:
+    """What one ``finish()`` measured. Matrices are ``[T, T]`` over ALL tasks (float64, CPU);
+    rows/columns of tasks absent from the step are 0 and ``present`` is False there."""
+
+    tasks: list[str]
+    present: Tensor  # bool [T]
+    gram: Tensor  # G[i, j] = <grad L_i, grad L_j>, rank-averaged task-loss gradients
+    cosine: Tensor
+    norms: Tensor  # sqrt(diag(G))
+    coeffs: Tensor  # c_j of the applied combination (in DeepSpeed's scale); 0 for absent tasks
+    conflicts: int  # pairs of present tasks with negative cosine
+    method: str
+    applied: bool  # whether the combined gradient was written back
+    timings: dict[str, float] = field(default_factory=dict)
+    """seconds: snapshot (sum over the window's backwards), gram, allreduce, method, combine (incl. write-back)."""
+    buffer_bytes: int = 0
+
+
+class GradientSurgery:
+    """Per-task gradient partitions of a DeepSpeed engine and their combination.
+
+    ``method``: a ``gradients.method`` name (default ``gcfg.method``); ``"none"`` measures
+    only (for ``gradients.monitor_every``). ``scale_wrt_gas`` must match the trainer's
+    ``engine.backward(loss, scale_wrt_gas=...)``. ``backend``: kernels' backend.
+    """
+
+    def __init__(self, engine, gcfg, task_names: Sequence[str], *, method: Optional[str] = None,
+                 scale_wrt_gas: bool = True, backend: str = "auto", flat_fast_path: bool = True):
+        self.engine = engine
+        self.task_names = list(task_names)
+        self.num_tasks = len(self.task_names)
+        self.method_name = gcfg.method if method is None else method
+        self.method: Optional[GradientMethod] = None
+        if self.method_name not in ("none",):
+            self.method = build_method(self.method_name, self.num_tasks, cagrad_c=gcfg.cagrad_c,
+                                       gradvac_beta=gcfg.gradvac_beta, seed=gcfg.seed)
+        self.scale_wrt_gas = scale_wrt_gas
+        self.backend = backend
+        self.flat_fast_path = flat_fast_path
+
+        stage = engine.zero_optimization_stage()
+        if stage != 3:
+            raise NotImplementedError(
+                f"gradient surgery needs DeepSpeed ZeRO stage 3 (got stage {stage}): DeepSpeed's local-gradient "
+                "API (safe_get_local_grad/safe_set_local_grad) is ZeRO-3 only. Use a zero3 ds_config, or "
+                "gradients.method=none")
+        if engine.fp16_enabled():
+            raise NotImplementedError("gradient surgery with fp16 loss scaling is not supported; use bf16 or fp32")
+        offload = engine.zero_offload_optimizer()
+        self.offload = offload is not None and str(getattr(offload, "device", "none")).endswith("cpu")
+        if offload is not None and str(getattr(offload, "device", "none")).endswith("nvme"):
+            raise NotImplementedError("gradient surgery with NVMe optimizer offload is not supported")
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("gradient surgery: the model has no trainable parameter")
+        if not all(hasattr(p, "ds_id") for p in self.params):
+            raise RuntimeError("gradient surgery: parameters are not ZeRO-3 partitioned (no ds_id); "
+                               "build it after deepspeed.initialize")
+        self.group = getattr(engine.optimizer, "dp_process_group", None)
+        self.buffer: Optional[Tensor] = None  # [T, n_local] fp32
+        self.offsets: list[tuple[int, int]] = []
+        self.flat: Optional[Tensor] = None  # the optimizer's own flat gradient partition, when contiguous
+        self.rows: list[int] = []  # task index of each filled row, in backward order
+        self.snapshot_s = 0.0
+
+    # ------------------------------------------------------------------ window
+
+    def begin_step(self) -> None:
+        """Start an accumulation window (call before the first task's backward)."""
+        self.rows = []
+        self.snapshot_s = 0.0
+
+    def after_backward(self, task_index: int) -> None:
+        """Snapshot the running-sum partitions right after task ``task_index``'s backward."""
+        if not 0 <= task_index < self.num_tasks:
+            raise IndexError(f"after_backward: task index {task_index} out of range for tasks {self.task_names}")
+        if task_index in self.rows:
+            raise RuntimeError(f"after_backward: task {self.task_names[task_index]!r} already had a backward in "
+                               "this window; one micro-batch per task per optimizer step (call begin_step())")
+        _sync()
+        t0 = time.perf_counter()
+        parts = self._local_parts()
+        if self.buffer is None:
+            self._allocate(parts)
+        row = self.buffer[len(self.rows)]
+        if self.flat is not None:
+            row.copy_(self.flat)
+        else:
+            for (a, b), part in zip(self.offsets, parts):
+                row[a:b].copy_(part.reshape(-1))
+        self.rows.append(task_index)
+        _sync()
+        self.snapshot_s += time.perf_counter() - t0
+
+    def finish(self) -> SurgeryStats:
+        """Gram, all-reduce, coefficients, combine and write-back; call before ``engine.step()``."""
+        if not self.rows:
+            raise RuntimeError("finish(): no after_backward() in this window")
+        import deepspeed.comm as dist
+
+        k = len(self.rows)
+        buf = self.buffer[:k]
+        timings = {"snapshot": self.snapshot_s}
+        _sync()
+        t0 = time.perf_counter()
+        for r in range(k - 1, 0, -1):  # running sums -> per-task partitions
+            buf[r].sub_(buf[r - 1])
+        from megamt.kernels.task_gram import task_gram
+
+        local = task_gram(buf, backend=self.backend).double()
+        _sync()
+        t1 = time.perf_counter()
+        if dist.is_initialized() and dist.get_world_size(group=self.group) > 1:
+            dist.all_reduce(local, group=self.group)
+        _sync()
+        t2 = time.perf_counter()
+        gas = self.engine.gradient_accumulation_steps() if self.scale_wrt_gas else 1
+        G_sub = local * float(gas) ** 2  # task-loss units
+        coeffs_sub = torch.ones(k, dtype=torch.float64)
+        if self.method is not None:
+            coeffs_sub = self.method.coefficients(G_sub, tasks=list(self.rows)).to(torch.float64)
+        t3 = time.perf_counter()
+        apply = self.method is not None and not torch.equal(coeffs_sub, torch.ones_like(coeffs_sub))
+        if apply:
+            self._combine_and_write(buf, coeffs_sub)
+        _sync()
+        t4 = time.perf_counter()
+        timings.update(gram=t1 - t0, allreduce=t2 - t1, method=t3 - t2, combine=t4 - t3)
+        return self._stats(G_sub, coeffs_sub, apply, timings)
+
+    # ------------------------------------------------------------------ internals
+
+    def _local_parts(self) -> list[Tensor]:
+        if self.offload:
+            table = self.engine.optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+            return [table[p.ds_id] for p in self.params]
+        from deepspeed.utils import safe_get_local_grad
+
+        return [safe_get_local_grad(p) for p in self.params]
+
+    def _allocate(self, parts: list[Tensor]) -> None:
+        sizes = [p.numel() for p in parts]
+        n_local = sum(sizes)
+        device = parts[0].device
+        self.buffer = torch.empty((self.num_tasks, n_local), dtype=torch.float32, device=device)
+        self.offsets, a = [], 0
+        for s in sizes:
+            self.offsets.append((a, a + s))
+            a += s
+        self.flat = self._contiguous_flat(parts) if (self.flat_fast_path and not self.offload) else None
+
+    @staticmethod
+    def _contiguous_flat(parts: list[Tensor]) -> Optional[Tensor]:
+        """The parts as ONE flat view when they tile one fp32 storage in order (ZeRO-3's
+        ``grad_partitions_flat_buffer``): one copy per snapshot instead of one per parameter."""
+        first = parts[0]
+        if any(p.dtype != torch.float32 or not p.is_contiguous() for p in parts):
+            return None
+        storage = first.untyped_storage()
+        offset = first.storage_offset()
+        for p in parts:
+            if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != offset:
+                return None
+            offset += p.numel()
+        flat = torch.empty(0, dtype=torch.float32, device=first.device)
+        flat.set_(storage, first.storage_offset(), (offset - first.storage_offset(),))
+        return flat
+
+    def _combine_and_write(self, buf: Tensor, coeffs: Tensor) -> None:
+        from megamt.kernels.task_gram import task_combine
+
+        c = coeffs.to(torch.float32)
+        out = buf[0]  # in place, chunk by chunk: each chunk reads all rows before row 0 is overwritten
+        n = buf.shape[1]
+        for s in range(0, n, COMBINE_CHUNK):
+            e = min(n, s + COMBINE_CHUNK)
+            out[s:e].copy_(task_combine(buf[:, s:e], c, backend=self.backend))
+        if self.flat is not None:
+            self.flat.copy_(out)
+            return
+        from deepspeed.utils import safe_set_local_grad
+
+        table = (self.engine.optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+                 if self.offload else None)
+        for (a, b), p in zip(self.offsets, self.params):
+            safe_set_local_grad(p, out[a:b])
+            if table is not None:  # a later boundary copy (unmanaged accumulation) must see it too
+                table[p.ds_id].view(-1).copy_(out[a:b])
+
+    def _stats(self, G_sub: Tensor, coeffs_sub: Tensor, applied: bool, timings: dict) -> SurgeryStats:
+        T = self.num_tasks
+        idx = torch.tensor(self.rows)
+        gram = torch.zeros((T, T), dtype=torch.float64)
+        gram[idx[:, None], idx[None, :]] = G_sub.cpu()
+        present = torch.zeros(T, dtype=torch.bool)
+        present[idx] = True
+        coeffs = torch.zeros(T, dtype=torch.float64)
+        coeffs[idx] = coeffs_sub
+        cos = cosine_matrix(gram)
+        conflicts = int(sum(1 for a in range(T) for b in range(a + 1, T)
+                            if present[a] and present[b] and cos[a, b] < 0))
+        return SurgeryStats(tasks=self.task_names, present=present, gram=gram, cosine=cos,
+                            norms=gram.diagonal().clamp_min(0).sqrt(), coeffs=coeffs, conflicts=conflicts,
+                            method=self.method_name, applied=applied, timings=timings,
+                            buffer_bytes=self.buffer.numel() * self.buffer.element_size())
+
+    def state_dict(self) -> dict:
+        return {"method": self.method.state_dict() if self.method is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.method is not None:
+            self.method.load_state_dict(state.get("method", {}))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
