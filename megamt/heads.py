@@ -288,6 +288,35 @@ class EncoderWithHeads(nn.Module):
         self.untrained_heads = sorted({k.split(".")[0] for k in missing})
 
 
+def count_loss_terms(batch: dict, num_tasks: int) -> torch.Tensor:
+    """Per-task number of loss terms of an encoder batch, from its labels alone (fp32 [T]).
+
+    Exactly the ``count`` that :meth:`EncoderWithHeads.forward` returns, without a forward:
+    classification examples (``cls_labels`` set), tagged words (``tag_labels`` set), and QA
+    examples whose context holds exactly one gold start and one gold end. The trainer sums
+    it over a step's micro-batches and ranks (the global per-task count N_t).
+    """
+    task_ids = batch["task_ids"]
+    counts = torch.zeros(num_tasks, dtype=torch.float32, device=task_ids.device)
+    for key in ("cls_labels", "tag_labels"):
+        if key in batch:
+            has = (batch[key] != -100) & (task_ids >= 0)
+            counts.index_add_(0, task_ids[has], torch.ones(int(has.sum()), device=task_ids.device))
+    if "start_labels" in batch:
+        L = task_ids.shape[1]
+        rows = torch.arange(task_ids.shape[0], device=task_ids.device)[:, None].expand_as(task_ids)
+        example = rows * L + batch["segment_ids"]
+        ctx = (batch["start_labels"] != -100) & (task_ids >= 0)
+        if ctx.any():
+            uniq, inv = torch.unique(example[ctx], return_inverse=True)
+            n_start = torch.zeros(len(uniq), device=task_ids.device).index_add_(0, inv, (batch["start_labels"][ctx] == 1).float())
+            n_end = torch.zeros(len(uniq), device=task_ids.device).index_add_(0, inv, (batch["end_labels"][ctx] == 1).float())
+            task_of = torch.zeros(len(uniq), dtype=torch.long, device=task_ids.device).scatter_(0, inv, task_ids[ctx])
+            ok = (n_start == 1) & (n_end == 1)
+            counts.index_add_(0, task_of[ok], torch.ones(int(ok.sum()), device=task_ids.device))
+    return counts
+
+
 def _span_loss(logits: torch.Tensor, idx: tuple, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Start/end cross-entropy per QA example over its context tokens (start_labels != -100).
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megamt.config import MultitaskConfig, ModelConfig, TaskConfig
-from megamt.heads import EncoderWithHeads, HeadConfigError, block_diagonal_mask
+from megamt.heads import EncoderWithHeads, HeadConfigError, block_diagonal_mask, count_loss_terms
 
 T_CLS, T_NER, T_QA = 0, 1, 2
 
@@ -91,8 +91,9 @@ def test_packed_equals_separate(model_type, attn):
                 at += n
     assert torch.allclose(loss.loss_sum, ref_sum, atol=1e-5)
     assert torch.equal(loss.count, ref_count)
-    # counts: 2 classification examples, 3 tagged words, 2 QA examples
+    # counts: 2 classification examples, 3 tagged words, 2 QA examples; known before the forward
     assert loss.count.tolist() == [2.0, 3.0, 2.0]
+    assert count_loss_terms(packed, 3).tolist() == [2.0, 3.0, 2.0]
 
 
 def test_losses_match_plain_torch():
