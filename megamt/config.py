@@ -134,7 +134,8 @@ class DataConfig:
     seed: int = 1234
     """Seed of template choice, stream shuffling and mixture sampling."""
     shuffle_buffer: int = 1000
-    """Per-task shuffle buffer (examples) of training streams."""
+    """Training streams shuffle windows of consecutive shards (in each epoch's shuffled shard
+    order) holding at least this many examples, per task and rank (memory: about this many examples per task)."""
     objective: Literal["auto", "causal_lm", "encoder"] = "auto"
     """What packed batches carry: text-to-text (causal LM) or encoder inputs with head labels. auto: by model family."""
 
@@ -276,13 +277,20 @@ class TrainConfig:
     """Validation loss every N steps (0 = only at the end)."""
     eval_batches: int = 8
     """Micro-batches per task for validation loss."""
+    eval_at_start: bool = True
+    """Validation loss before the first step too (the start of the loss table)."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
     max_nonfinite_steps: int = 5
     """Consecutive non-finite steps before the run stops."""
+    stop_at_step: int = 0
+    """Checkpoint and exit after this step (a time slice of a longer run; the schedule still
+    follows max_steps, and the next launch resumes). 0 = run to max_steps."""
     progress_bar: bool = True
+    """tqdm bar with ETA on rank 0 (only when stdout is a terminal)."""
     dist_timeout_s: int = 600
+    """Timeout of collectives (s): a dead rank ends the job instead of hanging it."""
 
     def tokens_per_step(self, seq_len: int, world_size: int) -> int:
         # micro_batch sequences * seq_len tokens * accumulation * ranks
@@ -293,13 +301,17 @@ class TrainConfig:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "keep_last", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 out.append(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("log_every", "eval_every", "save_every", "warmup_steps"):
+        for name in ("log_every", "eval_every", "save_every", "warmup_steps", "stop_at_step"):
             if getattr(self, name) < 0:
                 out.append(f"{key}.{name}: must be >= 0")
         if self.lr <= 0:
             out.append(f"{key}.lr: must be > 0")
         if self.grad_clip < 0:
             out.append(f"{key}.grad_clip: must be >= 0")
+        if self.dist_timeout_s < 1:
+            out.append(f"{key}.dist_timeout_s: must be >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"{key}.min_lr_ratio: must be in [0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"{key}.betas: two numbers in [0, 1)")
         return out
@@ -319,17 +331,44 @@ class GradientConfig:
     loss_weighting: str = "equal"
     """equal | static | uncertainty | dwa | gradnorm | famo."""
     static_weights: dict[str, float] = field(default_factory=dict)
+    """static: task -> loss weight (tasks not listed: 1)."""
     monitor_every: int = 0
     """Measure the task-gradient cosine matrix every N steps (0 = never)."""
     cagrad_c: float = 0.5
+    """CAGrad: radius c of the conflict-averse ball (0 = mean gradient)."""
     gradnorm_alpha: float = 1.5
+    """GradNorm: asymmetry alpha (strength of the pull towards equal training rates)."""
     dwa_temperature: float = 2.0
+    """DWA: softmax temperature of the loss ratios."""
     famo_lr: float = 0.025
+    """FAMO: Adam learning rate of the task logits."""
     gradvac_beta: float = 0.01
+    """GradVac: EMA rate of the cosine targets, in (0, 1]."""
     seed: int = 0
+    """Seed of PCGrad's / GradVac's random projection order (the same on every rank)."""
+    balancer_lr: float = 0.025
+    """Adam learning rate of the learned loss weights (uncertainty log-variances, GradNorm weights)."""
+    dwa_window: int = 1
+    """DWA: optimizer steps per period whose average task losses form the ratio L(k-1)/L(k-2)."""
+    famo_gamma: float = 0.001
+    """FAMO: weight decay of the task logits."""
+    grad_backend: str = "auto"
+    """Kernels of the Gram/combine passes: auto (Triton on CUDA, torch elsewhere) | torch | triton."""
 
     def problems(self, key: str, task_names: list[str]) -> list[str]:
         out = []
+        for name in ("cagrad_c", "gradnorm_alpha", "famo_gamma"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                out.append(f"{key}.{name}: must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("dwa_temperature", "famo_lr", "balancer_lr"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                out.append(f"{key}.{name}: must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 < self.gradvac_beta <= 1:
+            out.append(f"{key}.gradvac_beta: must be in (0, 1], got {self.gradvac_beta}")
+        if self.dwa_window < 1:
+            out.append(f"{key}.dwa_window: must be >= 1, got {self.dwa_window}")
+        if self.grad_backend not in ("auto", "torch", "triton"):
+            out.append(f"{key}.grad_backend: {self.grad_backend!r} is not one of auto, torch, triton")
         if self.method not in GRADIENT_METHODS:
             out.append(f"{key}.method: {self.method!r} is not one of {GRADIENT_METHODS}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:

@@ -1,0 +1,501 @@
+"""MultitaskTrainer: the DeepSpeed training loop (ZeRO-3 by default).
+
+All DeepSpeed code of megamt lives here (and in the checkpoint component it drives). The loop
+is split into named steps, each fitting on a screen:
+
+    train()                     resume -> start-up print -> loop -> final checkpoint
+      train_step()              one optimizer step
+        next_micro_batches()    the step's micro-batches, prefetched (normal: grad_accum mixed
+                                ones; gradient-method mode: one task-homogeneous one per task)
+        global_target_counts()  per-task target tokens of the whole step, ONE all-reduce
+        forward_backward_step() forward -> TaskLoss -> scaled step loss -> engine.backward
+        engine.step()           after every micro-batch, as DeepSpeed expects; it updates the
+                                weights only at the accumulation boundary
+      evaluate_loss()           per-task validation loss (eval/loss/<task>)
+      save_checkpoint()         engine state + every rank's data/RNG state, then `latest`
+
+Loss scaling (see megamt.losses.step_loss): every micro-batch hands
+``world_size * grad_accum * sum_t w_t * loss_sum_t / N_t`` to ``engine.backward``; DeepSpeed
+divides by ``grad_accum`` and averages over ranks, so the gradient after the step is exactly
+d(sum_t w_t * mean_t)/d(theta) with means over the global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megamt.checkpoint import CheckpointManager, json_text, rng_state, set_rng_state
+from megamt.config import MultitaskConfig
+from megamt.ds_config import build_ds_config, hidden_size_of, zero_stage
+from megamt.losses import TaskLoss, count_targets, step_loss, task_means
+from megamt.metrics_log import MetricsLogger, estimate_mfu, peak_memory_gib
+from megamt.model import MultitaskModel, describe, hf_config, resolve_dtype, resolve_family
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Fault injection for tests: comma-separated 1-based steps whose first task's loss becomes NaN.
+FAULT_NONFINITE_ENV = "MEGAMT_FAULT_NONFINITE_STEPS"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (already reduced over ranks)."""
+
+    step: int
+    loss: float
+    task_loss: dict[str, float]
+    task_tokens: dict[str, int]
+    tokens: int
+    """Non-pad tokens (prompt + target) of the step, all ranks."""
+    grad_norm: float | None
+    lr: float
+    step_time_s: float
+    applied: bool
+    nonfinite_tasks: list[str] = field(default_factory=list)
+    stop_requested: bool = False
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
+    """Join the process group the launcher describes (deepspeed, torchrun, srun+launcher);
+    a plain ``python`` process becomes a world of one. Returns (rank, world_size, local_rank)."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-step INFO lines drown megamt's log
+    # torch 2.13 deprecates the collective DeepSpeed 0.19 uses on every backward
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    # A finite timeout: a dead peer must end the job, not hang it (FIELD_NOTES: NCCL waits
+    # up to the process-group timeout; gloo fails at the next collective).
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class MultitaskTrainer:
+    """Train a :class:`MultitaskModel` on the config's task mixture with DeepSpeed.
+
+    ``model=None`` builds it here, under ZeRO-3's ``zero.Init`` (partitioned as it is
+    created), which is what the CLI does. ``pipeline``: a ``TrainPipeline``-like object
+    (default: ``megamt.data.pipeline.TrainPipeline(config, rank, world_size)``); ``eval_batches``:
+    a function like ``megamt.data.pipeline.eval_batches`` (the default).
+    ``resume``: None = resume when the run directory has a checkpoint, True = must resume,
+    False = start fresh.
+    """
+
+    def __init__(self, model: MultitaskModel | None, config: MultitaskConfig, *, pipeline=None,
+                 eval_batches=None, resume: bool | None = None):
+        import deepspeed
+
+        self.cfg = config
+        self.tcfg = config.train
+        self.run_dir = Path(self.tcfg.run_dir)
+        self.task_names = list(config.tasks)
+        self.train_tasks = config.train_task_names
+        self.num_tasks = len(self.task_names)
+        self.resume = resume
+        self.rank, self.world_size, self.local_rank = setup_distributed(self.tcfg.dist_timeout_s)
+        torch.manual_seed(self.tcfg.seed)
+
+        # gradient-method mode: one task-homogeneous micro-batch per training task per step
+        self.gradient_method_mode = config.gradients.method != "none"
+        self.grad_accum = len(self.train_tasks) if self.gradient_method_mode else self.tcfg.grad_accum
+        hf = hf_config(config.model) if model is None else getattr(model.backbone, "config", None)
+        self.dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+            resolve_dtype(config.model)]
+        self.ds_config = build_ds_config(config, self.world_size, grad_accum=self.grad_accum,
+                                         hidden_size=hidden_size_of(hf) if hf is not None else None,
+                                         dtype=self.dtype_name)
+        if model is None:
+            model = self.build_model()
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        self.device = self.engine.device
+        self.pipeline = pipeline if pipeline is not None else self.build_pipeline()
+        self.eval_batches = eval_batches
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.tcfg.keep_last, self.rank,
+                                             self.world_size, barrier)
+        self.n_params = describe(model)["parameters"]
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self._signal: int | None = None
+        self._fault_steps = {int(s) for s in os.environ.get(FAULT_NONFINITE_ENV, "").split(",") if s.strip()}
+        # Hooks for the gradient-methods part (megamt.gradients): a loss balancer giving the
+        # per-task weights, and GradientSurgery acting on the ZeRO partitions between the
+        # per-task backward passes. None = equal weights, no surgery.
+        self.balancer = None
+        self.surgery = None
+        self.metrics: MetricsLogger | None = None
+
+    # ----------------------------------------------------------------- building
+    def build_model(self) -> MultitaskModel:
+        """Build the model; under ZeRO-3, partitioned while it is created (``zero.Init``
+        through transformers' ``HfDeepSpeedConfig``, which must stay alive while loading)."""
+        if zero_stage(self.ds_config) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: keep a reference
+        return MultitaskModel(self.cfg)
+
+    def build_pipeline(self):
+        from megamt.data.pipeline import TrainPipeline
+
+        return TrainPipeline(self.cfg, self.rank, self.world_size)
+
+    # ----------------------------------------------------------------- derived numbers
+    def derived(self) -> dict[str, Any]:
+        """Derived numbers printed at start-up and saved with every checkpoint."""
+        t, seq = self.tcfg, self.cfg.data.seq_len
+        return {
+            "world_size": self.world_size,
+            "zero_stage": zero_stage(self.ds_config),
+            "dtype": self.dtype_name,
+            "family": self.model.family,
+            "fused_loss": getattr(self.model, "fused_loss", False),
+            "parameters": self.n_params,
+            "micro_batch_size": t.micro_batch_size,
+            "seq_len": seq,
+            "grad_accum": self.grad_accum,
+            "gradient_method_mode": self.gradient_method_mode,
+            # micro_batch rows * seq_len tokens * accumulation * ranks
+            "tokens_per_step": t.micro_batch_size * seq * self.grad_accum * self.world_size,
+            "tokens_total": t.micro_batch_size * seq * self.grad_accum * self.world_size * t.max_steps,
+            "max_steps": t.max_steps,
+        }
+
+    def print_startup(self) -> None:
+        if self.rank != 0:
+            return
+        d = self.derived()
+        p = self.metrics.print
+        p("=" * 72 + "\nmegamt train: resolved config\n" + "-" * 72 + "\n" + self.cfg.to_yaml().rstrip())
+        p("-" * 72 + "\nderived numbers")
+        p(f"  {d['micro_batch_size']} rows * {d['seq_len']} tokens * {d['grad_accum']} accum * {d['world_size']} ranks"
+          f" = {d['tokens_per_step']:,} tokens/step; {d['max_steps']} steps = {d['tokens_total']:,} tokens")
+        for k, v in d.items():
+            p(f"  {k}: {v}")
+        p("-" * 72 + "\nmixture rates at step %d" % self.step)
+        for task, prob in self.pipeline.rates(self.step).items():
+            p(f"  {task}: {prob:.4f}")
+        p("-" * 72 + "\nresolved ds_config\n" + json.dumps(self.ds_config, indent=2))
+        p("=" * 72)
+
+    # ----------------------------------------------------------------- the loop
+    def train(self) -> dict[str, Any]:
+        """Run to ``train.max_steps`` (or until a stop signal); returns a summary."""
+        self.install_signal_handlers()
+        self.maybe_resume()
+        self.metrics = MetricsLogger(self.run_dir, self.rank, self.tcfg.max_steps, log_every=self.tcfg.log_every,
+                                     progress_bar=self.tcfg.progress_bar, start_step=self.step)
+        self.print_startup()
+        if self.step == 0 and self.tcfg.eval_at_start:
+            self.log_eval(self.evaluate_loss())
+        result = None
+        last_saved = self.step
+        try:
+            while self.step < self.tcfg.max_steps:
+                result = self.train_step()
+                self.step += 1
+                self.log_step(result)
+                if result.stop_requested or self.step == self.tcfg.stop_at_step:
+                    why = "stop signal received" if result.stop_requested else "train.stop_at_step reached"
+                    self.metrics.print(f"{why}: checkpointing at step {self.step} and exiting")
+                    self.save_checkpoint()
+                    return {"step": self.step, "stopped": True}
+                if self.tcfg.eval_every and self.step % self.tcfg.eval_every == 0 and self.step < self.tcfg.max_steps:
+                    self.log_eval(self.evaluate_loss())
+                if self.tcfg.save_every and self.step % self.tcfg.save_every == 0:
+                    self.save_checkpoint()
+                    last_saved = self.step
+            if last_saved != self.step or self.checkpoints.latest_tag() is None:
+                self.save_checkpoint()
+            eval_losses = self.evaluate_loss()
+            self.log_eval(eval_losses)
+            return {"step": self.step, "stopped": False, "eval_loss": eval_losses,
+                    "loss": None if result is None else result.loss}
+        finally:
+            self.metrics.close()
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: prefetch micro-batches, count targets once, forward/backward each."""
+        t0 = time.perf_counter()
+        if hasattr(self.pipeline, "set_step"):
+            self.pipeline.set_step(self.step)
+        micro_batches = self.next_micro_batches()
+        global_count, tokens = self.global_target_counts(micro_batches)
+        weights = self.task_weights()
+        loss_sum = torch.zeros(self.num_tasks, dtype=torch.float32)
+        if self.surgery is not None:
+            self.surgery.begin_step()
+        for i, batch in enumerate(micro_batches):
+            task_loss = self.forward_backward_step(batch, global_count, weights)
+            loss_sum += task_loss.loss_sum.detach().float().cpu()
+            if self.surgery is not None:
+                # gradient-method mode: micro-batch i holds task self.train_tasks[i] only
+                self.surgery.after_backward(self.task_names.index(self.train_tasks[i]))
+                if i == len(micro_batches) - 1:
+                    self.surgery.finish()  # write the combined partitions back before the real step
+            self.engine.step()  # DeepSpeed: a no-op for the weights until the accumulation boundary
+        # one all-reduce: the step's per-task loss sums and the stop flag of every rank
+        reduced = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(self._signal is not None)])]).to(
+            self.device)).cpu()
+        loss_sum, stop = reduced[:-1], bool(reduced[-1] > 0)
+        means = task_means(loss_sum, global_count)
+        present = global_count > 0
+        loss = float((weights * means)[present].sum())
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        applied = self.engine.was_step_applied()
+        nonfinite = [self.task_names[i] for i in range(self.num_tasks) if present[i] and not math.isfinite(means[i])]
+        self.check_finite(applied, nonfinite, grad_norm)
+        return StepResult(
+            step=self.step + 1, loss=loss,
+            task_loss={self.task_names[i]: float(means[i]) for i in range(self.num_tasks) if present[i]},
+            task_tokens={self.task_names[i]: int(global_count[i]) for i in range(self.num_tasks)
+                         if self.task_names[i] in self.train_tasks},
+            tokens=tokens, grad_norm=grad_norm, lr=float(self.engine.get_lr()[0]),
+            step_time_s=time.perf_counter() - t0, applied=applied and not nonfinite, nonfinite_tasks=nonfinite,
+            stop_requested=stop)
+
+    def next_micro_batches(self) -> list[dict[str, Any]]:
+        """The whole step's micro-batches, fetched before any forward (their target counts
+        are needed up front for the global normalisation)."""
+        if self.gradient_method_mode:
+            # gradient-method mode: one task-homogeneous micro-batch per training task, in task
+            # order, each its own forward + backward (ZeRO-3 cannot backward twice through one
+            # forward); megamt.gradients.GradientSurgery combines them before the step.
+            return [self.pipeline.next_batch(task=t) for t in self.train_tasks]
+        return [self.pipeline.next_batch() for _ in range(self.grad_accum)]
+
+    def global_target_counts(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+        """Per-task target tokens of the step over all ranks (fp32 [T]) and the step's non-pad
+        tokens, with one all-reduce of T+1 numbers."""
+        local = torch.zeros(self.num_tasks + 1, dtype=torch.float32)
+        for b in micro_batches:
+            local[:-1] += count_targets(self._labels_of(b), b["task_ids"], self.num_tasks)
+            local[-1] += float((b["task_ids"] >= 0).sum())
+        total = all_reduce_sum(local.to(self.device)).cpu()
+        return total[:-1], int(total[-1])
+
+    @staticmethod
+    def _labels_of(batch: dict[str, Any]) -> torch.Tensor:
+        if "labels" in batch:
+            return batch["labels"]
+        # encoder objective: a token carries a loss term when any head label is set on it
+        keys = [k for k in ("cls_labels", "tag_labels", "start_labels") if k in batch]
+        has = torch.zeros_like(batch["task_ids"], dtype=torch.bool)
+        for k in keys:
+            has |= batch[k] != -100
+        return torch.where(has, torch.zeros_like(batch["task_ids"]), torch.full_like(batch["task_ids"], -100))
+
+    def task_weights(self) -> torch.Tensor:
+        """Per-task loss weights w_t: equal (1.0) unless a balancer is wired in."""
+        if self.balancer is not None:
+            return torch.as_tensor(self.balancer.weights(), dtype=torch.float32)
+        return torch.ones(self.num_tasks, dtype=torch.float32)
+
+    def forward_backward_step(self, batch: dict[str, Any], global_count: torch.Tensor,
+                              weights: torch.Tensor) -> TaskLoss:
+        """Forward one micro-batch, backward its share of the step objective; returns its TaskLoss."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        task_loss = self.engine(batch)
+        if self.step + 1 in self._fault_steps:
+            poison = torch.ones_like(task_loss.loss_sum)
+            poison[int(torch.nonzero(global_count > 0)[0])] = float("nan")
+            task_loss = TaskLoss(task_loss.loss_sum * poison.to(task_loss.loss_sum), task_loss.count)
+        loss = step_loss(task_loss, global_count.to(self.device), weights.to(self.device), self.world_size,
+                         self.grad_accum)
+        self.engine.backward(loss)
+        return task_loss
+
+    def check_finite(self, applied: bool, nonfinite_tasks: list[str], grad_norm: float | None) -> None:
+        """A non-finite loss or gradient: DeepSpeed skipped the update (non-finite gradient
+        norm); log it with the task(s) responsible; stop after max_nonfinite_steps in a row."""
+        bad = nonfinite_tasks or not applied or (grad_norm is not None and not math.isfinite(grad_norm))
+        if not bad:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        what = (f"non-finite loss in task(s) {', '.join(nonfinite_tasks)}" if nonfinite_tasks
+                else f"non-finite gradient (grad norm {grad_norm}) with finite task losses")
+        msg = (f"step {self.step + 1}: {what}; optimizer update skipped "
+               f"({self.consecutive_nonfinite}/{self.tcfg.max_nonfinite_steps} in a row)")
+        if self.rank == 0:
+            (self.metrics.print if self.metrics else print)("WARNING " + msg)
+        if self.consecutive_nonfinite >= self.tcfg.max_nonfinite_steps:
+            raise NonFiniteError(f"{msg}. Stopping: lower train.lr, check the data of the task(s) named, "
+                                 f"or raise train.max_nonfinite_steps")
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate_loss(self, split: str | None = None) -> dict[str, float]:
+        """Per-task validation loss: one exact pass over each task's held-out shards (at most
+        ``train.eval_batches`` micro-batches per rank), normalised by the global target count."""
+        if self.eval_batches is None:
+            from megamt.data.pipeline import eval_batches as default_eval_batches
+
+            self.eval_batches = default_eval_batches
+        split = split or self.cfg.eval.split
+        self.engine.eval()
+        loss_sum = torch.zeros(self.num_tasks, dtype=torch.float32)
+        count = torch.zeros(self.num_tasks, dtype=torch.float32)
+        try:
+            for task in self.task_names:
+                try:
+                    batches = list(self.eval_batches(self.cfg, task, split, self.rank, self.world_size,
+                                                max_batches=self.tcfg.eval_batches))
+                except (KeyError, FileNotFoundError, ValueError) as e:
+                    if self.rank == 0 and self.metrics:
+                        self.metrics.print(f"eval: no {split} data for task {task!r} ({e}); skipped")
+                    batches = []
+                # ZeRO-3 forwards are collective: every rank runs as many as the busiest rank
+                n = int(self._all_reduce_max(len(batches)))
+                for i in range(n):
+                    batch = batches[i] if i < len(batches) else self._empty_batch_like(batches)
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    with torch.no_grad():
+                        tl = self.engine(batch)
+                    loss_sum += tl.loss_sum.detach().float().cpu()
+                    count += tl.count.detach().float().cpu()
+        finally:
+            self.engine.train()
+        reduced = all_reduce_sum(torch.cat([loss_sum, count]).to(self.device)).cpu()
+        loss_sum, count = reduced[: self.num_tasks], reduced[self.num_tasks:]
+        return {self.task_names[i]: float(loss_sum[i] / count[i]) for i in range(self.num_tasks) if count[i] > 0}
+
+    def _all_reduce_max(self, value: float) -> float:
+        t = torch.tensor([float(value)], device=self.device)
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t[0])
+
+    def _empty_batch_like(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch with no loss term (labels -100, task -1), for a rank with fewer eval batches."""
+        seq = self.cfg.data.seq_len
+        if batches:
+            b = batches[0]
+            rows, seq = b["input_ids"].shape
+        else:
+            b, rows = None, 1
+        out = {"input_ids": torch.zeros(rows, seq, dtype=torch.long),
+               "position_ids": torch.arange(seq).repeat(rows, 1),
+               "task_ids": torch.full((rows, seq), -1, dtype=torch.long),
+               "segment_ids": torch.full((rows, seq), -1, dtype=torch.long),
+               "cu_seqlens": torch.arange(0, rows * seq + 1, seq, dtype=torch.int32), "max_seqlen": seq}
+        label_keys = ["labels"] if resolve_family(self.cfg.model) == "causal_lm" else [
+            "cls_labels", "tag_labels", "start_labels", "end_labels"]
+        for k in label_keys:
+            out[k] = torch.full((rows, seq), -100, dtype=torch.long)
+        return out
+
+    # ----------------------------------------------------------------- logging
+    def log_step(self, r: StepResult) -> None:
+        if self.rank != 0:
+            return
+        scalars: dict[str, float | None] = {"train/loss": r.loss}
+        for task, v in r.task_loss.items():
+            scalars[f"train/loss/{task}"] = v
+        for task, n in r.task_tokens.items():
+            scalars[f"train/tokens/{task}"] = n
+        for task, p in self.pipeline.rates(r.step - 1).items():
+            scalars[f"mix/prob/{task}"] = p
+        scalars["train/lr"] = r.lr
+        scalars["train/grad_norm"] = r.grad_norm if r.grad_norm is not None and math.isfinite(r.grad_norm) else None
+        scalars["perf/tokens_per_s"] = r.tokens / r.step_time_s
+        scalars["perf/step_time_s"] = r.step_time_s
+        scalars["perf/mfu"] = estimate_mfu(self.n_params, r.tokens / r.step_time_s / self.world_size)
+        scalars["mem/peak_gib"] = peak_memory_gib()
+        if not r.applied:
+            scalars["train/skipped"] = 1.0
+        self.metrics.log_step(r.step, scalars)
+
+    def log_eval(self, losses: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.log_eval(self.step, losses)
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        rank_state = {"pipeline": self.pipeline.state_dict(), "rng": rng_state(),
+                      "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+                      "extra": {"consecutive_nonfinite": self.consecutive_nonfinite}}
+        files = {"megamt_config.yaml": self.cfg.to_yaml(), "ds_config.json": json_text(self.ds_config),
+                 "derived.json": json_text(self.derived())}
+        path = self.checkpoints.save(self.engine, self.step, rank_state, files)
+        if self.rank == 0 and self.metrics:
+            self.metrics.print(f"checkpoint: {path}")
+        return path
+
+    def maybe_resume(self) -> None:
+        tag = self.checkpoints.latest_tag()
+        if tag is None:
+            if self.resume is True:
+                raise FileNotFoundError(f"--resume: no complete checkpoint under {self.checkpoints.dir} "
+                                        f"(no `latest` file pointing to an existing folder)")
+            return
+        if self.resume is False:
+            if self.rank == 0:
+                print(f"WARNING {self.checkpoints.dir} has checkpoint {tag}; starting fresh (--no-resume); "
+                      f"new checkpoints replace it")
+            return
+        state = self.checkpoints.load(self.engine, tag)
+        self.step = int(state["step"])
+        self.pipeline.load_state_dict(state["pipeline"])
+        if self.balancer is not None and state.get("balancer") is not None:
+            self.balancer.load_state_dict(state["balancer"])
+        self.consecutive_nonfinite = int((state.get("extra") or {}).get("consecutive_nonfinite", 0))
+        set_rng_state(state["rng"])
+        if self.rank == 0:
+            print(f"resumed from {self.checkpoints.dir / tag} at step {self.step}", flush=True)
+
+    # ----------------------------------------------------------------- signals
+    def install_signal_handlers(self) -> None:
+        """SIGUSR1 / SIGTERM only set a flag; the loop finishes the step, checkpoints, exits 0."""
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
