@@ -7,11 +7,19 @@
 - ``monitor``: cosine matrix and norms to TensorBoard.
 """
 
+from megamt.gradients.balancing import LossBalancer, build_balancer
 from megamt.gradients.methods import METHODS, GradientMethod, build_method, cosine_matrix
+from megamt.gradients.monitor import log_task_gradients
+from megamt.gradients.surgery import GradientSurgery, SurgeryStats
 
 __all__ = [
     "GradientMethod",
+    "GradientSurgery",
+    "LossBalancer",
     "METHODS",
+    "SurgeryStats",
+    "build_balancer",
     "build_method",
     "cosine_matrix",
+    "log_task_gradients",
 ]

@@ -91,11 +91,12 @@ class GradientSurgery:
 
     ``method``: a ``gradients.method`` name (default ``gcfg.method``); ``"none"`` measures
     only (for ``gradients.monitor_every``). ``scale_wrt_gas`` must match the trainer's
-    ``engine.backward(loss, scale_wrt_gas=...)``. ``backend``: kernels' backend.
+    ``engine.backward(loss, scale_wrt_gas=...)``. ``backend``: kernels' backend
+    (default ``gcfg.grad_backend``).
     """
 
     def __init__(self, engine, gcfg, task_names: Sequence[str], *, method: Optional[str] = None,
-                 scale_wrt_gas: bool = True, backend: str = "auto", flat_fast_path: bool = True):
+                 scale_wrt_gas: bool = True, backend: Optional[str] = None, flat_fast_path: bool = True):
         self.engine = engine
         self.task_names = list(task_names)
         self.num_tasks = len(self.task_names)
@@ -105,7 +106,7 @@ class GradientSurgery:
             self.method = build_method(self.method_name, self.num_tasks, cagrad_c=gcfg.cagrad_c,
                                        gradvac_beta=gcfg.gradvac_beta, seed=gcfg.seed)
         self.scale_wrt_gas = scale_wrt_gas
-        self.backend = backend
+        self.backend = backend or getattr(gcfg, "grad_backend", "auto")
         self.flat_fast_path = flat_fast_path
 
         stage = engine.zero_optimization_stage()
