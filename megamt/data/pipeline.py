@@ -68,7 +68,8 @@ class TrainPipeline:
         sizes = {}
         for t in self.train_tasks:
             shards = split_shards(self.manifest, data.shards_dir, t, "train")
-            self.streams[t] = TaskStream(shards, rank, world_size, infinite=True, seed=data.seed, name=t)
+            self.streams[t] = TaskStream(shards, rank, world_size, infinite=True, seed=data.seed, name=t,
+                                         window=data.shuffle_buffer)
             sizes[t] = sum(n for _, n in shards)
         self.mixture = TaskMixture(sizes, cfg.mixture, {t: cfg.tasks[t].weight for t in self.train_tasks})
         self.rng = random.Random(f"{data.seed}:mixture:{rank}")

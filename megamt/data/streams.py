@@ -9,15 +9,17 @@ example belongs to exactly one consumer.
 Two modes:
 
 - ``infinite=True`` (training): the consumer's examples are resampled forever; each epoch
-  the shard order and the order within each shard are reshuffled with an RNG seeded by
-  ``(seed, task, consumer, epoch[, shard])``. Every rank can run the same number of steps
+  the shard order is reshuffled, consecutive shards are grouped into windows of at least
+  ``data.shuffle_buffer`` examples, and each window is shuffled as a whole, with RNGs
+  seeded by ``(seed, task, consumer, epoch[, window])``. Every rank can run the same number of steps
   (ZeRO-3 collectives never wait for a rank that ran dry). A consumer that owns no example
   (fewer examples than consumers) resamples the whole split.
 - ``infinite=False`` (evaluation): one pass in file order; every example exactly once
   across all consumers.
 
-State (``state_dict``) is the position (epoch, shard, example): the shuffles are functions
-of the seed, so resuming re-derives them and needs no buffer contents.
+State (``state_dict``) is the position (epoch, window, example): the shuffles are functions
+of the seed, so resuming re-derives them (re-reading the window's shards) and needs no
+buffer contents.
 """
 
 from __future__ import annotations
@@ -36,78 +38,99 @@ class TaskStream:
     """Examples of one task/split for one consumer."""
 
     def __init__(self, shards: list[tuple[Path, int]], consumer: int = 0, num_consumers: int = 1,
-                 infinite: bool = True, seed: int = 0, name: str = "", shuffle: Optional[bool] = None):
+                 infinite: bool = True, seed: int = 0, name: str = "", shuffle: Optional[bool] = None,
+                 window: int = 1):
+        """``window``: training shuffles examples in windows of consecutive shards (in the epoch's
+        shard order) holding at least this many of the consumer's examples (``data.shuffle_buffer``)."""
         if not 0 <= consumer < num_consumers:
             raise ValueError(f"consumer {consumer} not in [0, {num_consumers})")
         self.shards = [(Path(p), int(n)) for p, n in shards]
         self.consumer, self.num_consumers = consumer, num_consumers
         self.infinite = infinite
         self.shuffle = infinite if shuffle is None else shuffle
-        self.seed, self.name = seed, name
+        self.seed, self.name, self.window = seed, name, max(1, int(window))
         total = sum(n for _, n in self.shards)
+        self.offsets = [0]
+        for _, n in self.shards:
+            self.offsets.append(self.offsets[-1] + n)
         self.by_shard = len(self.shards) >= num_consumers
         if self.by_shard:
             self.mine = [i for i in range(len(self.shards)) if i % num_consumers == consumer]
-            owned = sum(self.shards[i][1] for i in self.mine)
         else:
             self.mine = list(range(len(self.shards)))
-            owned = len(range(consumer, total, num_consumers))
         self.resample_all = False
-        if owned == 0 and infinite:
+        if sum(self.owned(i) for i in self.mine) == 0 and infinite:
             if total == 0:
                 raise DataError(name or "stream", "empty_input", "a training stream without any example")
             self.resample_all = True  # fewer examples than consumers: resample the whole split
             self.mine = list(range(len(self.shards)))
-        self.offsets = [0]
-        for _, n in self.shards:
-            self.offsets.append(self.offsets[-1] + n)
-        self.num_examples = total if self.resample_all else owned
-        self.epoch, self.shard_pos, self.example_pos = 0, 0, 0
-        self._order: Optional[list[int]] = None
+        self.num_examples = sum(self.owned(i) for i in self.mine)
+        self.epoch, self.window_pos, self.example_pos = 0, 0, 0
+        self._windows: Optional[list[list[int]]] = None
         self._items: Optional[list[dict]] = None
 
-    # ------------------------------------------------------------------ iteration
-    def _epoch_order(self) -> list[int]:
-        order = list(self.mine)
-        if self.shuffle:
-            random.Random(f"{self.seed}:{self.name}:{self.consumer}:{self.epoch}").shuffle(order)
-        return order
-
-    def _load(self, shard: int) -> list[dict]:
-        path, n = self.shards[shard]
+    def owned(self, shard: int) -> int:
+        """How many examples of ``shard`` this consumer reads."""
+        n = self.shards[shard][1]
         if self.by_shard or self.resample_all:
-            keep = None
-        else:
-            off, S, c = self.offsets[shard], self.num_consumers, self.consumer
-            keep = lambda i: (off + i) % S == c  # noqa: E731
-        items = list(read_shard(path, expect=n, keep=keep))
+            return n
+        off, S, c = self.offsets[shard], self.num_consumers, self.consumer
+        return len(range(off + (c - off) % S, off + n, S))
+
+    # ------------------------------------------------------------------ iteration
+    def _epoch_windows(self) -> list[list[int]]:
+        order = list(self.mine)
+        if not self.shuffle:
+            return [[i] for i in order]
+        random.Random(f"{self.seed}:{self.name}:{self.consumer}:{self.epoch}").shuffle(order)
+        windows, cur, size = [], [], 0
+        for i in order:
+            cur.append(i)
+            size += self.owned(i)
+            if size >= self.window:
+                windows.append(cur)
+                cur, size = [], 0
+        if cur:
+            windows.append(cur)
+        return windows
+
+    def _load(self, w: int) -> list[dict]:
+        items: list[dict] = []
+        for shard in self._windows[w]:
+            path, n = self.shards[shard]
+            if self.by_shard or self.resample_all:
+                keep = None
+            else:
+                off, S, c = self.offsets[shard], self.num_consumers, self.consumer
+                keep = lambda i, off=off: (off + i) % S == c  # noqa: E731
+            items.extend(read_shard(path, expect=n, keep=keep))
         if self.shuffle:
-            random.Random(f"{self.seed}:{self.name}:{self.consumer}:{self.epoch}:{shard}").shuffle(items)
+            random.Random(f"{self.seed}:{self.name}:{self.consumer}:{self.epoch}:w{w}").shuffle(items)
         return items
 
     def next(self) -> dict[str, Any]:
         """The next example (raises StopIteration at the end of an exact pass)."""
         empty_epochs = 0
         while True:
-            if self._order is None:
-                self._order = self._epoch_order()
-            if self.shard_pos >= len(self._order):
+            if self._windows is None:
+                self._windows = self._epoch_windows()
+            if self.window_pos >= len(self._windows):
                 if not self.infinite:
                     raise StopIteration
                 self.epoch += 1
-                self.shard_pos, self.example_pos = 0, 0
-                self._order, self._items = None, None
+                self.window_pos, self.example_pos = 0, 0
+                self._windows, self._items = None, None
                 empty_epochs += 1
                 if empty_epochs > 1:
                     raise DataError(self.name or "stream", "empty_input", "the stream's shards hold no example")
                 continue
             if self._items is None:
-                self._items = self._load(self._order[self.shard_pos])
+                self._items = self._load(self.window_pos)
             if self.example_pos < len(self._items):
                 item = self._items[self.example_pos]
                 self.example_pos += 1
                 return item
-            self.shard_pos += 1
+            self.window_pos += 1
             self.example_pos = 0
             self._items = None
 
@@ -118,11 +141,12 @@ class TaskStream:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "example_pos": self.example_pos}
+        return {"epoch": self.epoch, "window_pos": self.window_pos, "example_pos": self.example_pos}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.shard_pos, self.example_pos = int(state["epoch"]), int(state["shard_pos"]), int(state["example_pos"])
-        self._order, self._items = None, None
+        self.epoch, self.window_pos, self.example_pos = (int(state["epoch"]), int(state["window_pos"]),
+                                                         int(state["example_pos"]))
+        self._windows, self._items = None, None
 
 
 class ExampleDataset(torch.utils.data.IterableDataset):

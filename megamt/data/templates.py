@@ -177,5 +177,6 @@ def render(example: Example, task_cfg, rng: random.Random, labels: Optional[list
 
 
 def example_rng(seed: int, example: Example) -> random.Random:
-    """The per-example RNG used for template choice: same seed + key → same template, in any process."""
-    return random.Random(f"{seed}:{example.task}:{example.key}")
+    """The per-example RNG used for template choice: same seed + key → same template, in any
+    process and wherever the input folder lies (the key's folders are left out)."""
+    return random.Random(f"{seed}:{example.task}:{example.key.rsplit('/', 1)[-1]}")

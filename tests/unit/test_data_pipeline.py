@@ -94,6 +94,11 @@ def test_infinite_stream_epochs_reshuffle_and_split_by_rank(demo):
         epochs[rank] = set(e0)
     assert epochs[0] | epochs[1] == all_keys and not epochs[0] & epochs[1]
     # fewer examples than consumers: a consumer without own examples resamples everything
+    # shuffle windows: with window >= 17 two shards are mixed together
+    w1, w2 = (TaskStream(shards, 0, 1, infinite=True, seed=5, name="ner", window=w) for w in (1, 17))
+    src = {k: i for i, (p, n) in enumerate(shards) for k in keys_of(TaskStream([(p, n)], infinite=False))}
+    assert len({src[next(w1)["meta"]["key"]] for _ in range(8)}) == 1
+    assert len({src[next(w2)["meta"]["key"]] for _ in range(8)}) == 2
     one = TaskStream(shards[-1:], 7, 9, infinite=True, name="x")  # the last shard holds 8: consumer 7 owns 1
     assert len({next(one)["meta"]["key"] for _ in range(10)}) == 1
     tiny = TaskStream(shards[-1:], 8, 9, infinite=True, name="x")
@@ -149,7 +154,7 @@ def test_pipeline_task_frequencies_and_curriculum(demo):
             for j in range(int(seg.max()) + 1):
                 counts[names[int(tid[seg == j][0])]] += 1
     n = sum(counts.values())
-    assert set(counts) == {"sentiment", "nli"} and n > 400
+    assert set(counts) == {"sentiment", "nli"} and n > 300
     sd = math.sqrt(n * 0.75 * 0.25)
     assert abs(counts["sentiment"] - 0.75 * n) < 4.5 * sd + 8  # + the packer buffer's residue
     cfg2 = load_config(a.spec, over + ["mixture.phases=[{start_step: 0, tasks: [qa]}, {start_step: 3, tasks: [ner]}]"])

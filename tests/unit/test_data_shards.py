@@ -78,6 +78,17 @@ def test_deterministic_and_multiprocess(tmp_path, demo):
     a, cfg, _ = demo
     build_shards(cfg, tmp_path / "w2", a.tokenizer, workers=2, progress=False, log=None)
     assert _digests(tmp_path / "w2") == _digests(a.shards)
+    # the same corpus in another folder: the same templates and tokens (only meta keys name the path)
+    shutil.copytree(a.root / "corpus", tmp_path / "moved" / "corpus")
+    shutil.copy(a.spec, tmp_path / "moved" / "spec.yaml")
+    moved = load_config(tmp_path / "moved" / "spec.yaml", ["data.shard_max_examples=16"])
+    build_shards(moved, tmp_path / "w3", a.tokenizer, progress=False, log=None)
+
+    def content(d):
+        return [(s["meta"]["template"], s["prompt_ids"].tolist(), s["target_ids"].tolist())
+                for p, n in split_shards(load_manifest(d), d, "qa", "train") for s in read_shard(p, n)]
+
+    assert content(tmp_path / "w3") == content(a.shards)
 
 
 def test_cli_with_overrides_and_skip(tmp_path, demo, capsys):
