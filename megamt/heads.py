@@ -227,11 +227,13 @@ class EncoderWithHeads(nn.Module):
     def forward(self, batch: dict) -> TaskLoss:
         hidden = self.encode(batch)
         T = self.num_tasks
-        loss_sum = hidden.new_zeros(T, dtype=torch.float32)
+        # 0 * hidden keeps the result differentiable (backward-able) when no example of any
+        # task is in the micro-batch (an all-padding batch)
+        loss_sum = hidden.new_zeros(T, dtype=torch.float32) + 0.0 * hidden.float().sum()
         count = hidden.new_zeros(T, dtype=torch.float32)
-        # keep every head in the graph so that ZeRO/DDP see a gradient (zero) for heads
-        # whose task is absent from this micro-batch
-        loss_sum = loss_sum + 0.0 * sum(p.sum() for p in self.heads.parameters()).float()
+        # Heads of tasks absent from this micro-batch get no gradient (None): DeepSpeed ZeRO
+        # treats that as zero. Touching their parameters here to force a zero gradient would
+        # read ZeRO-3's empty partitions outside the heads' forward and break their backward.
         for name, res in self.task_logits(hidden, batch).items():
             t = self.task_names.index(name)
             kind = self.head_kinds[name]
