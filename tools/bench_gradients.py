@@ -1,0 +1,238 @@
+"""Benchmark of gradient surgery: per-optimizer-step cost of each method vs plain training.
+
+CPU part (runs anywhere): launches ``deepspeed --num_gpus 2`` on this script (ZeRO-3,
+2 ranks, gloo) with a tiny Llama and, for T = 2, 4, 8 tasks, times per optimizer step:
+
+- ``plain_1mb``: plain training, one mixed micro-batch of T x MB rows (GAS = 1);
+- ``plain_gasT``: plain training, T micro-batches of MB rows (GAS = T), no surgery;
+- each method: the same T task-homogeneous micro-batches + GradientSurgery,
+  split into forward+backward, snapshot, Gram, all-reduce, method (coefficients),
+  combine (+ write-back), and the optimizer step. Extra memory = the ``[T, n_local]``
+  fp32 snapshot buffer (exact; allocated once).
+
+GPU part (CUDA only, else prints ``skipped: no CUDA``): Triton Gram and combine kernels
+vs the measured device-to-device copy bandwidth, T up to 16, 1e8 to 1e9 elements.
+
+Usage: ``python tools/bench_gradients.py [--steps 3] [--tasks 2 4 8]``. The last line
+printed is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ["sum", "pcgrad", "cagrad", "mgda", "aligned_mtl", "gradvac"]
+MB = 2  # rows per micro-batch per rank
+SEQ = 64  # tokens per row
+MODEL = dict(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+# --------------------------------------------------------------------------- CPU worker (under deepspeed)
+
+
+def _worker(args) -> None:
+    import torch
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megamt.config import GradientConfig
+    from megamt.gradients.surgery import GradientSurgery
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)
+
+    def engine_for(gas, rows):
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model(**MODEL)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        ds = {"train_micro_batch_size_per_gpu": rows, "gradient_accumulation_steps": gas,
+              "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+              "gradient_clipping": 1.0, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        return engine, sum(p.ds_numel for p in model.parameters())
+
+    def batch(task, step, rows):
+        gen = torch.Generator().manual_seed(10_000 * step + 100 * task + rank)
+        ids = torch.randint(0, MODEL["vocab_size"], (rows, SEQ), generator=gen)
+        return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+    results = {}
+    for T in args.tasks:
+        res = {}
+        # plain, one mixed micro-batch
+        engine, n_params = engine_for(1, T * MB)
+        times = []
+        for step in range(args.steps + 1):
+            t0 = time.perf_counter()
+            loss = engine(**batch(0, step, T * MB)).loss
+            engine.backward(loss)
+            t1 = time.perf_counter()
+            engine.step()
+            t2 = time.perf_counter()
+            times.append({"fwd_bwd": t1 - t0, "optimizer": t2 - t1, "total": t2 - t0})
+        res["plain_1mb"] = _median(times[1:])
+        del engine
+
+        engine, _ = engine_for(T, MB)
+        for variant in ["plain_gasT"] + METHODS:
+            surgery = None
+            if variant != "plain_gasT":
+                surgery = GradientSurgery(engine, GradientConfig(method=variant), [f"t{i}" for i in range(T)])
+            times = []
+            for step in range(args.steps + 1):
+                rec = {"fwd_bwd": 0.0}
+                start = time.perf_counter()
+                if surgery:
+                    surgery.begin_step()
+                for t in range(T):
+                    t0 = time.perf_counter()
+                    loss = engine(**batch(t, step, MB)).loss
+                    engine.backward(loss)
+                    rec["fwd_bwd"] += time.perf_counter() - t0
+                    if surgery:
+                        surgery.after_backward(t)
+                    if t == T - 1:
+                        if surgery:
+                            stats = surgery.finish()
+                            for k, v in stats.timings.items():
+                                rec[k] = v
+                        t0 = time.perf_counter()
+                        engine.step()
+                        rec["optimizer"] = time.perf_counter() - t0
+                    else:
+                        engine.step()
+                rec["total"] = time.perf_counter() - start
+                times.append(rec)
+            res[variant] = _median(times[1:])
+            if surgery:
+                res[variant]["extra_memory_MiB_per_rank"] = round(stats.buffer_bytes / 2**20, 3)
+                res[variant]["conflicts"] = stats.conflicts
+                res[variant]["extra_vs_plain_gasT_s"] = round(res[variant]["total"] - res["plain_gasT"]["total"], 5)
+                res[variant]["extra_vs_plain_1mb_s"] = round(res[variant]["total"] - res["plain_1mb"]["total"], 5)
+                del surgery
+        results[f"T={T}"] = res
+        del engine
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"params": n_params, "results": results}))
+
+
+def _median(records):
+    keys = records[0].keys()
+    return {k: round(statistics.median(r[k] for r in records), 5) for k in keys}
+
+
+# --------------------------------------------------------------------------- GPU part
+
+
+def gpu_bench(max_elems: float) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA", flush=True)
+        return {"skipped": "no CUDA"}
+    from megamt.kernels.task_gram import torch_task_combine, torch_task_gram, triton_task_combine, triton_task_gram
+
+    def timed(fn, reps=5):
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            best = min(best, s.elapsed_time(e) / 1e3)
+        return best
+
+    # measured bandwidth: a large device-to-device copy (read + write)
+    a = torch.empty(int(1e9), dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() * 4 / timed(lambda: b.copy_(a))
+    del a, b
+    out = {"device": torch.cuda.get_device_name(), "copy_GBps": round(bw / 1e9, 1), "cases": []}
+    free = torch.cuda.mem_get_info()[0]
+    for n in (1e8, 3e8, 1e9):
+        n = int(min(n, max_elems))
+        for T in (2, 4, 8, 16):
+            if (T + 1) * n * 4 > 0.85 * free:
+                out["cases"].append({"T": T, "n": n, "skipped": "does not fit"})
+                continue
+            g = torch.randn(T, n, device="cuda")
+            c = torch.randn(T, device="cuda")
+            o = torch.empty(n, device="cuda")
+            gram_bytes = T * n * 4
+            comb_bytes = (T + 1) * n * 4
+            case = {"T": T, "n": n}
+            for name, fn, nbytes in [
+                ("gram_triton", lambda: triton_task_gram(g), gram_bytes),
+                ("gram_torch", lambda: torch_task_gram(g), gram_bytes),
+                ("combine_triton", lambda: triton_task_combine(g, c, out=o), comb_bytes),
+                ("combine_torch", lambda: torch_task_combine(g, c, out=o), comb_bytes),
+            ]:
+                t = timed(fn)
+                case[name + "_ms"] = round(t * 1e3, 3)
+                case[name + "_of_bw"] = round(nbytes / t / bw, 3)
+            # correctness on the benchmark data, against the torch path in float64
+            ref = (g.double() @ g.double().T)
+            case["gram_max_rel_err"] = float(((triton_task_gram(g).double() - ref).abs().max() / ref.abs().max()))
+            out["cases"].append(case)
+            print(json.dumps(case), flush=True)
+            del g, c, o
+            torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=3, help="measured optimizer steps per variant (after 1 warm-up)")
+    ap.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--skip-cpu", action="store_true", help="only the GPU kernel part")
+    ap.add_argument("--gpu-max-elems", type=float, default=1e9)
+    args = ap.parse_args()
+    if args.worker:
+        return _worker(args)
+
+    report = {"machine": os.environ.get("BENCH_MACHINE", "2-core CPU, 24 GiB"), "omp_num_threads_per_rank": 1}
+    if not args.skip_cpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "cpu.json"
+            launcher = Path(sys.executable).with_name("deepspeed")
+            cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(29500 + random.randrange(2000)),
+                   __file__, "--worker", "--out", str(out), "--steps", str(args.steps), "--tasks",
+                   *map(str, args.tasks)]
+            env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.exists():
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"the 2-rank CPU benchmark failed (exit {proc.returncode})")
+            report["cpu_zero3_2ranks"] = json.loads(out.read_text())
+            report["cpu_wall_s"] = round(time.perf_counter() - t0, 1)
+            for T, res in report["cpu_zero3_2ranks"]["results"].items():
+                for name, r in res.items():
+                    print(f"{T:5s} {name:12s} " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    report["gpu"] = gpu_bench(args.gpu_max_elems)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
