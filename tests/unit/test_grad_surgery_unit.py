@@ -1,0 +1,133 @@
+"""GradientSurgery's bookkeeping on one process with a fake ZeRO-3 engine (no launcher).
+
+The fake engine holds each parameter's "partition" as a view of one flat fp32 buffer,
+like ZeRO-3's grad_partitions_flat_buffer, and adds each task's gradient into it the
+way DeepSpeed's reduce-scatter does. The real 2-rank run is tests/integration/test_grad_surgery.py.
+"""
+
+import types
+
+import pytest
+import torch
+
+deepspeed_utils = pytest.importorskip("deepspeed.utils")
+
+from megamt.config import GradientConfig  # noqa: E402
+from megamt.gradients.methods import PCGrad, projection_orders, reference_pcgrad  # noqa: E402
+from megamt.gradients.surgery import GradientSurgery  # noqa: E402
+
+SIZES = [5, 3, 7]
+
+
+class FakeEngine:
+    def __init__(self, gas, stage=3, fp16=False, contiguous=True):
+        self.params = [torch.nn.Parameter(torch.zeros(s)) for s in SIZES]
+        for i, p in enumerate(self.params):
+            p.ds_id = i
+        self.module = torch.nn.ParameterList(self.params)
+        self.flat = torch.zeros(sum(SIZES) + (4 if not contiguous else 0))
+        self.parts, a = {}, 0
+        for p, s in zip(self.params, SIZES):
+            self.parts[p.ds_id] = self.flat[a:a + s]
+            a += s + (2 if not contiguous else 0)  # gaps: the per-parameter path
+        self.gas, self.stage, self.fp16 = gas, stage, fp16
+        self.optimizer = types.SimpleNamespace(dp_process_group=None)
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def fp16_enabled(self):
+        return self.fp16
+
+    def zero_offload_optimizer(self):
+        return None
+
+    def gradient_accumulation_steps(self):
+        return self.gas
+
+    def backward_task(self, grad):  # DeepSpeed: add loss/GAS's gradient into the partitions
+        a = 0
+        for p, s in zip(self.params, SIZES):
+            self.parts[p.ds_id] += grad[a:a + s] / self.gas
+            a += s
+
+
+@pytest.fixture
+def fake_ds(monkeypatch):
+    engines = []
+
+    def get(p):
+        return engines[-1].parts[p.ds_id]
+
+    def set_(p, v):
+        engines[-1].parts[p.ds_id].copy_(v)
+
+    monkeypatch.setattr(deepspeed_utils, "safe_get_local_grad", get)
+    monkeypatch.setattr(deepspeed_utils, "safe_set_local_grad", set_)
+    return engines
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_snapshots_gram_combine_writeback(fake_ds, contiguous):
+    T = 3
+    engine = FakeEngine(gas=T, contiguous=contiguous)
+    fake_ds.append(engine)
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(T, sum(SIZES), generator=gen)
+    grads[1] = -grads[0] + 0.1 * grads[1]  # a conflict
+    surgery = GradientSurgery(engine, GradientConfig(method="pcgrad", seed=4), ["a", "b", "c"], backend="torch")
+    assert (surgery.flat is None) and surgery.buffer is None
+    for step in range(2):
+        engine.flat.zero_()
+        surgery.begin_step()
+        order = [2, 0, 1]  # backward order need not be task order
+        for t in order:
+            engine.backward_task(grads[t])
+            surgery.after_backward(t)
+        stats = surgery.finish()
+        assert (surgery.flat is not None) == contiguous
+        G = grads.double() @ grads.double().T
+        assert torch.allclose(stats.gram, G, rtol=1e-5, atol=1e-5)
+        assert stats.conflicts >= 1 and stats.applied and stats.present.all()
+        # the rows were filled in backward order: the method saw tasks [2, 0, 1]
+        sub = grads[order].double()
+        want = reference_pcgrad(sub, projection_orders(T, 4, step)) / T
+        got = torch.cat([engine.parts[p.ds_id] for p in engine.params]).double()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert set(stats.timings) == {"snapshot", "gram", "allreduce", "method", "combine"}
+    # one backward per task per window
+    surgery.begin_step()
+    engine.backward_task(grads[0])
+    surgery.after_backward(0)
+    with pytest.raises(RuntimeError, match="already had a backward"):
+        surgery.after_backward(0)
+
+
+def test_sum_is_measure_only_and_absent_tasks(fake_ds):
+    engine = FakeEngine(gas=2)
+    fake_ds.append(engine)
+    grads = torch.randn(2, sum(SIZES))
+    surgery = GradientSurgery(engine, GradientConfig(method="sum"), ["a", "b", "c"], backend="torch")
+    surgery.begin_step()
+    for t, task in enumerate([0, 2]):  # task b is absent this step
+        engine.backward_task(grads[t])
+        surgery.after_backward(task)
+    before = engine.flat.clone()
+    stats = surgery.finish()
+    assert not stats.applied and torch.equal(engine.flat, before)
+    assert stats.present.tolist() == [True, False, True]
+    assert stats.gram[1].abs().sum() == 0 and stats.norms[1] == 0
+    assert torch.allclose(stats.norms[[0, 2]], grads.double().norm(dim=1), rtol=1e-5)
+
+
+def test_refuses_what_it_cannot_do(fake_ds):
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3"):
+        GradientSurgery(FakeEngine(gas=2, stage=2), GradientConfig(method="pcgrad"), ["a", "b"])
+    with pytest.raises(NotImplementedError, match="fp16"):
+        GradientSurgery(FakeEngine(gas=2, fp16=True), GradientConfig(method="pcgrad"), ["a", "b"])
+    s = GradientSurgery(FakeEngine(gas=2), GradientConfig(method="mgda"), ["a", "b"])
+    s.begin_step()
+    with pytest.raises(RuntimeError, match="no after_backward"):
+        s.finish()
+    with pytest.raises(IndexError, match="out of range"):
+        s.after_backward(5)
