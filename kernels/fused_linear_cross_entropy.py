@@ -82,11 +82,16 @@ def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.add_(_mm_fp32(a, b))
 
 
-def _linear_block(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """Logits block ``h @ wᵀ (+ b)`` in the input dtype, row-major."""
+def _linear_block(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
+    """Logits block ``h @ wᵀ (+ b)`` in the input dtype, row-major, written into ``buf``.
+
+    One buffer serves every block: on the CPU a fresh 64 MiB tensor per block would be
+    returned to the OS on free and page-faulted in again each time.
+    """
+    out = buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
     if b is None:
-        return h @ w.t()
-    return torch.addmm(b, h, w.t())
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
 
 
 def _rows(x: torch.Tensor, index: Optional[torch.Tensor], start: int, stop: int) -> torch.Tensor:
@@ -195,13 +200,14 @@ def _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, lab
     if n_active == 0:
         return loss_sum, count, m
     nt, nv = _chunk_sizes(device, n_active, vocab, chunk_tokens)
+    buf = torch.empty(nt * nv, dtype=hidden.dtype, device=device)
     for v0 in range(0, vocab, nv):
         v1 = min(v0 + nv, vocab)
         w_blk = weight[v0:v1]
         b_blk = bias[v0:v1] if bias is not None else None
         for t0 in range(0, n_active, nt):
             t1 = min(t0 + nt, n_active)
-            logits = _linear_block(_rows(hidden, index, t0, t1), w_blk, b_blk)
+            logits = _linear_block(_rows(hidden, index, t0, t1), w_blk, b_blk, buf)
             ops.lse_update(
                 logits, v0, labels_v[t0:t1], m[t0:t1], s[t0:t1], target_logit[t0:t1],
                 row_sum[t0:t1] if row_sum is not None else None,
@@ -237,6 +243,7 @@ def _backward(ops, grad_loss_sum, hidden, weight, bias, index, labels_v, tasks_v
             gh_acc = torch.zeros(n_active, h_dim, dtype=torch.float32, device=device)
     if n_active > 0:
         nt, nv = _chunk_sizes(device, n_active, vocab, chunk_tokens)
+        buf = torch.empty(nt * nv, dtype=dtype, device=device)
         for v0 in range(0, vocab, nv):
             v1 = min(v0 + nv, vocab)
             w_blk = weight[v0:v1]
@@ -248,7 +255,7 @@ def _backward(ops, grad_loss_sum, hidden, weight, bias, index, labels_v, tasks_v
             for t0 in range(0, n_active, nt):
                 t1 = min(t0 + nt, n_active)
                 h_blk = _rows(hidden, index, t0, t1)
-                d = _linear_block(h_blk, w_blk, b_blk)
+                d = _linear_block(h_blk, w_blk, b_blk, buf)
                 d = ops.logits_grad_(d, v0, labels_v[t0:t1], lse[t0:t1], scale[t0:t1],
                                      vocab, label_smoothing, z_loss)
                 if need_hidden:
