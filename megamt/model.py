@@ -179,21 +179,9 @@ class MultitaskModel(nn.Module):
             cfg = _load_saved_config(path)
             cfg.model.name_or_path, cfg.model.from_config = str(path), {}
             return cls(cfg)
-        from megamt.checkpoint import find_checkpoint
-        from megamt.export import gather_fp32_state_dict
+        from megamt.export import load_trained_model
 
-        ckpt_root, tag = find_checkpoint(path)
-        if ckpt_root is None:
-            raise FileNotFoundError(f"{path}: neither a Hugging Face folder (config.json) nor a run/checkpoint "
-                                    f"directory with a `latest` checkpoint")
-        cfg = load_config(ckpt_root / tag / CONFIG_FILE)
-        model = cls(cfg)
-        state = gather_fp32_state_dict(ckpt_root, tag)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not _is_tied(model, m)]
-        if missing or unexpected:
-            raise RuntimeError(f"{ckpt_root / tag}: checkpoint does not match the model "
-                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        model, _ = load_trained_model(path)
         return model
 
 

@@ -30,10 +30,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from megamt.config import load_config
+    from megamt.config import ConfigError, load_config
     from megamt.trainer import MultitaskTrainer
 
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megamt train: {e}", file=sys.stderr)
+        return 2
     MultitaskTrainer(None, cfg, resume=args.resume).train()
     return 0
 

@@ -42,7 +42,7 @@ from megamt.config import MultitaskConfig
 from megamt.ds_config import build_ds_config, hidden_size_of, zero_stage
 from megamt.losses import TaskLoss, count_targets, step_loss, task_means
 from megamt.metrics_log import MetricsLogger, estimate_mfu, peak_memory_gib
-from megamt.model import MultitaskModel, describe, hf_config, resolve_dtype, resolve_family
+from megamt.model import MultitaskModel, describe, hf_config, resolve_dtype
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Fault injection for tests: comma-separated 1-based steps whose first task's loss becomes NaN.
@@ -316,21 +316,18 @@ class MultitaskTrainer:
         tokens, with one all-reduce of T+1 numbers."""
         local = torch.zeros(self.num_tasks + 1, dtype=torch.float32)
         for b in micro_batches:
-            local[:-1] += count_targets(self._labels_of(b), b["task_ids"], self.num_tasks)
+            local[:-1] += self.count_loss_terms(b)
             local[-1] += float((b["task_ids"] >= 0).sum())
         total = all_reduce_sum(local.to(self.device)).cpu()
         return total[:-1], int(total[-1])
 
-    @staticmethod
-    def _labels_of(batch: dict[str, Any]) -> torch.Tensor:
-        if "labels" in batch:
-            return batch["labels"]
-        # encoder objective: a token carries a loss term when any head label is set on it
-        keys = [k for k in ("cls_labels", "tag_labels", "start_labels") if k in batch]
-        has = torch.zeros_like(batch["task_ids"], dtype=torch.bool)
-        for k in keys:
-            has |= batch[k] != -100
-        return torch.where(has, torch.zeros_like(batch["task_ids"]), torch.full_like(batch["task_ids"], -100))
+    def count_loss_terms(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-task loss terms of a micro-batch from its labels alone (no forward)."""
+        if self.model.family == "encoder":
+            from megamt.heads import count_loss_terms
+
+            return count_loss_terms(batch, self.num_tasks)
+        return count_targets(batch["labels"], batch["task_ids"], self.num_tasks)
 
     def task_weights(self) -> torch.Tensor:
         """Per-task loss weights w_t: equal (1.0) unless a balancer is wired in."""
@@ -374,6 +371,8 @@ class MultitaskTrainer:
     def evaluate_loss(self, split: str | None = None) -> dict[str, float]:
         """Per-task validation loss: one exact pass over each task's held-out shards (at most
         ``train.eval_batches`` micro-batches per rank), normalised by the global target count."""
+        from megamt.data.errors import DataError
+
         if self.eval_batches is None:
             from megamt.data.pipeline import eval_batches as default_eval_batches
 
@@ -387,14 +386,14 @@ class MultitaskTrainer:
                 try:
                     batches = list(self.eval_batches(self.cfg, task, split, self.rank, self.world_size,
                                                 max_batches=self.tcfg.eval_batches))
-                except (KeyError, FileNotFoundError, ValueError) as e:
+                except (KeyError, FileNotFoundError, ValueError, DataError) as e:
                     if self.rank == 0 and self.metrics:
                         self.metrics.print(f"eval: no {split} data for task {task!r} ({e}); skipped")
                     batches = []
                 # ZeRO-3 forwards are collective: every rank runs as many as the busiest rank
                 n = int(self._all_reduce_max(len(batches)))
                 for i in range(n):
-                    batch = batches[i] if i < len(batches) else self._empty_batch_like(batches)
+                    batch = batches[i] if i < len(batches) else self.padding_batch(batches)
                     batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     with torch.no_grad():
                         tl = self.engine(batch)
@@ -412,24 +411,12 @@ class MultitaskTrainer:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t[0])
 
-    def _empty_batch_like(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
-        """A batch with no loss term (labels -100, task -1), for a rank with fewer eval batches."""
-        seq = self.cfg.data.seq_len
-        if batches:
-            b = batches[0]
-            rows, seq = b["input_ids"].shape
-        else:
-            b, rows = None, 1
-        out = {"input_ids": torch.zeros(rows, seq, dtype=torch.long),
-               "position_ids": torch.arange(seq).repeat(rows, 1),
-               "task_ids": torch.full((rows, seq), -1, dtype=torch.long),
-               "segment_ids": torch.full((rows, seq), -1, dtype=torch.long),
-               "cu_seqlens": torch.arange(0, rows * seq + 1, seq, dtype=torch.int32), "max_seqlen": seq}
-        label_keys = ["labels"] if resolve_family(self.cfg.model) == "causal_lm" else [
-            "cls_labels", "tag_labels", "start_labels", "end_labels"]
-        for k in label_keys:
-            out[k] = torch.full((rows, seq), -100, dtype=torch.long)
-        return out
+    def padding_batch(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """An all-padding batch (no loss term) for a rank with fewer eval batches than others."""
+        from megamt.data.pipeline import padding_batch
+
+        rows = batches[0]["input_ids"].shape[0] if batches else None
+        return padding_batch(self.cfg, batch_size=rows)
 
     # ----------------------------------------------------------------- logging
     def log_step(self, r: StepResult) -> None:
