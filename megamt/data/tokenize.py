@@ -71,53 +71,73 @@ def _i32(xs) -> np.ndarray:
 
 def encode_example(ex: Example, prompt: str, target: str, template: str, tok, labels: Optional[list[str]],
                    ids: Optional[dict] = None) -> dict[str, Any]:
-    """The shard sample (without ``__key__``) of one rendered example."""
+    """The shard sample (without ``__key__``) of one rendered example (raises DataError)."""
+    out = encode_examples([(ex, prompt, target, template)], tok, labels, ids)[0]
+    if isinstance(out, DataError):
+        raise out
+    return out
+
+
+def encode_examples(rendered: list[tuple[Example, str, str, str]], tok, labels: Optional[list[str]],
+                    ids: Optional[dict] = None) -> list[dict[str, Any] | DataError]:
+    """Shard samples of rendered examples ``(example, prompt, target, template)`` of one task,
+    tokenized in batches (the Rust tokenizer's batch encode). A sample that cannot be built
+    comes back as a :class:`DataError` in its place."""
+    if not rendered:
+        return []
     ids = ids or special_ids(tok)
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    if ids["bos"] is not None:
-        p = [ids["bos"]] + p
-    t = tok(target, add_special_tokens=False)["input_ids"] + [ids["eos"]]
-    f = ex.fields
-    meta: dict[str, Any] = {"key": ex.key, "task": ex.task, "task_type": ex.task_type, "template": template,
-                            "target": target}
-    sample: dict[str, Any] = {"prompt_ids.npy": _i32(p), "target_ids.npy": _i32(t)}
-    if ex.task_type == "classification":
-        enc = tok(f["text"], f["text_pair"]) if "text_pair" in f else tok(f["text"])
-        sample["enc_ids.npy"] = _i32(enc["input_ids"])
-        meta["label"] = f["label"]
-        meta["class_id"] = labels.index(f["label"]) if labels and f["label"] in labels else -1
-        meta["references"] = [f["label"]]
-    elif ex.task_type == "extractive_qa":
-        enc = tok(f["question"], f["context"], return_offsets_mapping=True)
-        seq = enc.sequence_ids()
-        offs = enc["offset_mapping"]
-        ctx_tokens = [i for i, s in enumerate(seq) if s == 1]
-        a = f["answers"][0]
-        c0, c1 = a["answer_start"], a["answer_start"] + len(a["text"])
-        start = next((i for i in ctx_tokens if offs[i][0] <= c0 < offs[i][1] or offs[i][0] >= c0), -1)
-        end = next((i for i in reversed(ctx_tokens) if offs[i][0] < c1), -1)
-        if start < 0 or end < start:
-            raise DataError(ex.key, "answer_mismatch", f"answer {a['text']!r} maps to no context token")
-        sample["enc_ids.npy"] = _i32(enc["input_ids"])
-        meta["span"] = [start, end]
-        meta["ctx_span"] = [ctx_tokens[0], ctx_tokens[-1]]
-        meta["references"] = [x["text"] for x in f["answers"]]
-    elif ex.task_type == "ner":
-        enc = tok(f["tokens"], is_split_into_words=True)
-        words = enc.word_ids()
-        tag_ids = [labels.index(t) if labels and t in labels else IGNORE for t in f["tags"]]
-        tags = []
-        prev = None
-        for w in words:
-            tags.append(tag_ids[w] if w is not None and w != prev else IGNORE)
-            prev = w
-        sample["enc_ids.npy"] = _i32(enc["input_ids"])
-        sample["enc_tags.npy"] = _i32(tags)
-        meta["references"] = list(f["tags"])
-        meta["tokens"] = list(f["tokens"])
+    bos = [ids["bos"]] if ids["bos"] is not None else []
+    prompts = tok([r[1] for r in rendered], add_special_tokens=False)["input_ids"]
+    targets = tok([r[2] for r in rendered], add_special_tokens=False)["input_ids"]
+    ttype = rendered[0][0].task_type
+    fields = [r[0].fields for r in rendered]
+    out: list[dict[str, Any] | DataError] = []
+    for (ex, _, target, template), p, t in zip(rendered, prompts, targets):
+        meta = {"key": ex.key, "task": ex.task, "task_type": ex.task_type, "template": template, "target": target}
+        out.append({"prompt_ids.npy": _i32(bos + p), "target_ids.npy": _i32(t + [ids["eos"]]), "meta.json": meta})
+    if ttype == "classification":
+        for has_pair in (False, True):
+            idx = [i for i, f in enumerate(fields) if ("text_pair" in f) == has_pair]
+            if not idx:
+                continue
+            texts = [fields[i]["text"] for i in idx]
+            enc = tok(texts, [fields[i]["text_pair"] for i in idx]) if has_pair else tok(texts)
+            for i, e in zip(idx, enc["input_ids"]):
+                lab = fields[i]["label"]
+                out[i]["enc_ids.npy"] = _i32(e)
+                out[i]["meta.json"].update(label=lab, references=[lab],
+                                           class_id=labels.index(lab) if labels and lab in labels else -1)
+    elif ttype == "extractive_qa":
+        enc = tok([f["question"] for f in fields], [f["context"] for f in fields], return_offsets_mapping=True)
+        for i, f in enumerate(fields):
+            seq, offs = enc.sequence_ids(i), enc["offset_mapping"][i]
+            ctx_tokens = [k for k, sid in enumerate(seq) if sid == 1]
+            a = f["answers"][0]
+            c0, c1 = a["answer_start"], a["answer_start"] + len(a["text"])
+            start = next((k for k in ctx_tokens if offs[k][0] <= c0 < offs[k][1] or offs[k][0] >= c0), -1)
+            end = next((k for k in reversed(ctx_tokens) if offs[k][0] < c1), -1)
+            if start < 0 or end < start:
+                out[i] = DataError(rendered[i][0].key, "answer_mismatch", f"answer {a['text']!r} maps to no context token")
+                continue
+            out[i]["enc_ids.npy"] = _i32(enc["input_ids"][i])
+            out[i]["meta.json"].update(span=[start, end], ctx_span=[ctx_tokens[0], ctx_tokens[-1]],
+                                       references=[x["text"] for x in f["answers"]])
+    elif ttype == "ner":
+        enc = tok([f["tokens"] for f in fields], is_split_into_words=True)
+        index = {t: k for k, t in enumerate(labels or [])}
+        for i, f in enumerate(fields):
+            tag_ids = [index.get(t, IGNORE) for t in f["tags"]]
+            tags, prev = [], None
+            for w in enc.word_ids(i):
+                tags.append(tag_ids[w] if w is not None and w != prev else IGNORE)
+                prev = w
+            out[i]["enc_ids.npy"] = _i32(enc["input_ids"][i])
+            out[i]["enc_tags.npy"] = _i32(tags)
+            out[i]["meta.json"].update(references=list(f["tags"]), tokens=list(f["tokens"]))
     else:
-        text = f["document"] if ex.task_type == "summarization" else f["prompt"]
-        sample["enc_ids.npy"] = _i32(tok(text)["input_ids"])
-        meta["references"] = [f["summary"] if ex.task_type == "summarization" else f["response"]]
-    sample["meta.json"] = meta
-    return sample
+        key, ref = ("document", "summary") if ttype == "summarization" else ("prompt", "response")
+        enc = tok([f[key] for f in fields])
+        for i, f in enumerate(fields):
+            out[i]["enc_ids.npy"] = _i32(enc["input_ids"][i])
+            out[i]["meta.json"]["references"] = [f[ref]]
+    return out
