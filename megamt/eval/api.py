@@ -76,6 +76,37 @@ def model_family(model) -> tuple[str, Any]:
     return "causal_lm", model
 
 
+def gather_plain_copy(module, config: MultitaskConfig):
+    """A plain (non-partitioned, CPU, eval-mode) MultitaskModel with ``module``'s weights.
+
+    ``module``: the trained MultitaskModel, possibly partitioned by ZeRO-3 (``engine.module``).
+    Collective under ZeRO-3: every rank must call it. Use it to evaluate during training::
+
+        results = evaluate(gather_plain_copy(engine.module, cfg), out_dir=run_dir / f"eval/{step}")
+        log_eval(writer, step, results)
+    """
+    import copy
+
+    import deepspeed
+
+    from megamt.model import MultitaskModel
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        state = {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    try:  # build the copy outside zero.Init (transformers keeps a global HfDeepSpeedConfig)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:  # pragma: no cover
+        pass
+    plain = MultitaskModel(copy.deepcopy(config))
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    bad = [m for m in missing if "lm_head" not in m] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"plain copy of the trained model: state mismatch {bad[:5]}")
+    return plain.to(torch.device("cpu")).eval()
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

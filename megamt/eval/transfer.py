@@ -156,29 +156,10 @@ def run_config(spec: dict, run: dict, shards_dir: str):
 
 def _plain_copy(trainer):
     """A non-partitioned MultitaskModel with the trained weights, on every rank."""
-    import deepspeed
-    import torch
+    from megamt.eval.api import gather_plain_copy
 
-    from megamt.model import MultitaskModel
-
-    module = trainer.engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
-    try:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # build the copy outside zero.Init
-    except ImportError:  # pragma: no cover
-        pass
     trainer.__dict__.pop("_hf_ds_config", None)
-    cfg = copy.deepcopy(trainer.cfg)
-    plain = MultitaskModel(cfg)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    bad = [m for m in missing if "lm_head" not in m] + list(unexpected)
-    if bad:
-        raise RuntimeError(f"plain copy of the trained model: state mismatch {bad[:5]}")
-    return plain.to(torch.device("cpu")).eval()
+    return gather_plain_copy(trainer.engine.module, trainer.cfg)
 
 
 def _make_trainer(cfg):
