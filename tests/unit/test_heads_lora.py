@@ -73,3 +73,24 @@ def test_lora_bad_target_modules_say_what_to_do():
     model = EncoderWithHeads(tiny_config())
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(model, LoraConfig(enabled=True, r=4, target_modules=["no_such_proj"]))
+
+
+def test_lora_switched_on_in_config_saved_and_reloaded(tmp_path):
+    from megamt.model import MultitaskModel
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    cfg = tiny_config()
+    cfg.model.family = "encoder"
+    cfg.model.lora.enabled, cfg.model.lora.r, cfg.model.lora.target_modules = True, 4, ["query", "value"]
+    model = MultitaskModel(cfg).eval()
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    _perturb_lora(model)
+    batch = pack([[example(T_CLS, 5, gen), example(T_NER, 6, gen)]], L=12)
+    with torch.no_grad():
+        before = model(batch).loss_sum
+    model.save_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / "adapter" / "adapter_config.json").is_file()
+    again = MultitaskModel.from_pretrained(tmp_path / "export").eval()  # merged weights + heads
+    with torch.no_grad():
+        assert torch.allclose(again(batch).loss_sum, before, atol=1e-5)
