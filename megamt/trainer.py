@@ -95,6 +95,11 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the node's cores: without this each rank starts one OpenMP thread per
+        # core and they spin against each other (a 2-rank run on 2 cores was 5x slower).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     # A finite timeout: a dead peer must end the job, not hang it (FIELD_NOTES: NCCL waits
     # up to the process-group timeout; gloo fails at the next collective).
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
