@@ -49,7 +49,10 @@ MAX_TASKS = 64
 """Task rows a kernel tile holds (``T_PAD``, a power of two >= 16 for ``tl.dot``)."""
 
 TORCH_CHUNK = 1 << 22
-"""Columns per chunk of the torch path for non-fp32 inputs (bounds the fp32 copy)."""
+"""Columns per chunk of the torch combine for non-fp32 inputs (bounds the fp32 copy)."""
+
+GRAM_CHUNK = 1 << 16
+"""Columns per chunk of the torch Gram (fp32 products, fp64 sum of the T x T partials)."""
 
 
 # --------------------------------------------------------------------------- kernels
@@ -194,17 +197,24 @@ def _check_out(out: Optional[Tensor], n: int, grads: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- torch path
 
 
-def torch_task_gram(grads: Tensor, chunk: int = TORCH_CHUNK) -> Tensor:
-    """``grads @ grads.T`` in fp32 (BLAS; fp64 for fp64 input), in column chunks when a fp32 copy is needed."""
+def torch_task_gram(grads: Tensor, chunk: int = GRAM_CHUNK) -> Tensor:
+    """``grads @ grads.T`` by column chunks: fp32 BLAS products (fp64 for fp64 input)
+    summed in fp64.
+
+    One ``[T, 2e6] @ [2e6, T]`` sgemm was both 2.3x slower (BLAS handles the long inner
+    dimension badly, 1 thread, 2-core CPU) and ~100x less accurate (one fp32 dot over 2e6
+    terms) than 64K-column chunks whose ``T x T`` partials are added in fp64.
+    """
     grads = _check_grads(grads, "task_gram")
     T, n = grads.shape
-    if grads.dtype in (torch.float32, torch.float64):
+    if grads.dtype == torch.float64:
         return grads @ grads.T
-    G = torch.zeros((T, T), dtype=torch.float32, device=grads.device)
+    G = torch.zeros((T, T), dtype=torch.float64, device=grads.device)
     for s in range(0, n, chunk):
-        part = grads[:, s:s + chunk].float()
-        G += part @ part.T
-    return G
+        part = grads[:, s:s + chunk]
+        part = part if part.dtype == torch.float32 else part.float()
+        G += (part @ part.T).double()
+    return G.float()
 
 
 def torch_task_combine(grads: Tensor, coeffs: Tensor, out: Optional[Tensor] = None, chunk: int = TORCH_CHUNK) -> Tensor:

@@ -36,6 +36,12 @@ def test_torch_path_chunks_and_out():
     gen = torch.Generator().manual_seed(0)
     grads = torch.randn(3, 1001, generator=gen).to(torch.bfloat16)
     assert torch.allclose(torch_task_gram(grads, chunk=100), torch_task_gram(grads, chunk=10**6), rtol=1e-6, atol=1e-4)
+    # fp64 summation of chunk partials: far more accurate than one long fp32 dot
+    long = torch.randn(4, 300_000, generator=gen) + 1.0
+    ref = reference_task_gram(long)
+    err = float((torch_task_gram(long).double() - ref).abs().max() / ref.abs().max())
+    err_one_dot = float(((long @ long.T).double() - ref).abs().max() / ref.abs().max())
+    assert err < 3e-6 and err <= err_one_dot, (err, err_one_dot)
     out = torch.empty(1001, dtype=torch.bfloat16)
     r = torch_task_combine(grads, torch.tensor([1.0, -2.0, 0.5]), out=out, chunk=64)
     assert r.data_ptr() == out.data_ptr()
