@@ -9,7 +9,8 @@
    one torch thread); tokens/s counts non-pad tokens.
 3. Packing efficiency (non-pad / total tokens) at seq_len 512 and 2048, beside the pad
    fraction of pad-to-longest batching of the same examples in the same order.
-4. End-to-end: ``TrainPipeline.next_batch`` (shard reading + decoding + mixture + packing).
+4. End-to-end: ``TrainPipeline.next_batch`` (shard reading + decoding + mixture + packing)
+   from a cold start for as many batches as one pass over the data's tokens.
 
 Prints a human summary, then one JSON line last.
 """
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=8, help="rows per packed batch / examples per padded batch")
     ap.add_argument("--buffer", type=int, default=64, help="data.pack_buffer")
-    ap.add_argument("--e2e-batches", type=int, default=100)
+    ap.add_argument("--reuse", action="store_true", help="reuse tokenizer and shards already in --out")
     args = ap.parse_args(argv)
 
     try:
@@ -75,16 +76,23 @@ def main(argv=None) -> int:
     cfg = config_from_dict(raw)
 
     t0 = time.perf_counter()
-    texts = []
-    for name, tc in cfg.tasks.items():
-        for ex in read_examples(name, tc, "train"):
-            texts += [v if isinstance(v, str) else " ".join(map(str, v)) if isinstance(v, list) and v and
-                      isinstance(v[0], str) else str(v) for v in ex.fields.values()]
-    build_tokenizer(texts, out / "tokenizer", vocab_size=args.vocab)
+    if not (args.reuse and (out / "tokenizer" / "tokenizer.json").is_file()):
+        texts = []
+        for name, tc in cfg.tasks.items():
+            for ex in read_examples(name, tc, "train"):
+                texts += [v if isinstance(v, str) else " ".join(map(str, v)) if isinstance(v, list) and v and
+                          isinstance(v[0], str) else str(v) for v in ex.fields.values()]
+        build_tokenizer(texts, out / "tokenizer", vocab_size=args.vocab)
     t_tok = time.perf_counter() - t0
     t0 = time.perf_counter()
-    manifest = build_shards(cfg, progress=False, log=None)
-    t_build = time.perf_counter() - t0
+    reused = args.reuse and (out / "shards" / "manifest.json").is_file()
+    if reused:
+        from megamt.data.shards import load_manifest
+
+        manifest = load_manifest(out / "shards")
+    else:
+        manifest = build_shards(cfg, progress=False, log=None)
+    t_build = None if reused else time.perf_counter() - t0
     n_examples = sum(s["examples"] for t in manifest["tasks"].values() for s in t["splits"].values())
 
     # pre-tokenized examples in a seeded, size-proportional mixture order
@@ -103,8 +111,9 @@ def main(argv=None) -> int:
     results = {"machine": "2-core CPU, 24 GiB (one core pinned, torch threads=1)", "examples": len(order),
                "tokens": int(n_tokens), "mean_len": round(float(lengths.mean()), 1),
                "p99_len": int(np.percentile(lengths, 99)), "max_len": int(lengths.max()),
-               "tokenizer_vocab": manifest["tokenizer"]["vocab_size"], "tokenizer_s": round(t_tok, 2),
-               "build_shards_s": round(t_build, 2), "build_examples_per_s": round(n_examples / t_build),
+               "tokenizer_vocab": manifest["tokenizer"]["vocab_size"], "tokenizer_s": None if reused else round(t_tok, 2),
+               "build_shards_s": t_build and round(t_build, 2),
+               "build_examples_per_s": t_build and round(n_examples / t_build),
                "read_shards_examples_per_s": round(len(order) / t_read), "seq": {}}
     B = args.batch
     for L in (512, 2048):
@@ -145,19 +154,20 @@ def main(argv=None) -> int:
                                   f"pad_to_longest_pad_fraction_b{B}": pads[0],
                                   "pad_to_longest_pad_fraction_b32": pads[1]}
 
-    # end to end: shards -> streams -> mixture -> packer -> batch tensors
+    # end to end from a cold start: shards -> streams -> mixture -> packer -> batch tensors,
+    # for one pass worth of tokens (every shard window gets read)
     for L in (512, 2048):
         cfg.data.seq_len = L
-        pipe = TrainPipeline(cfg, 0, 1, log=None)
-        pipe.next_batch()  # first shard loads are part of the warm-up
+        n_batches = max(1, n_tokens // (B * L))
         t0 = time.perf_counter()
+        pipe = TrainPipeline(cfg, 0, 1, log=None)
         tok = 0
-        for _ in range(args.e2e_batches):
+        for _ in range(n_batches):
             b = pipe.next_batch()
             tok += int((b["segment_ids"] >= 0).sum())
         dt = time.perf_counter() - t0
         results["seq"][str(L)]["e2e_tokens_per_s"] = round(tok / dt)
-        results["seq"][str(L)]["e2e_packing_efficiency"] = round(tok / (args.e2e_batches * B * L), 4)
+        results["seq"][str(L)]["e2e_packing_efficiency"] = round(tok / (n_batches * B * L), 4)
 
     for L, r in results["seq"].items():
         print(f"seq_len {L}: packing efficiency {r['packing_efficiency']:.4f} "

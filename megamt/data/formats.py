@@ -220,7 +220,7 @@ def _hf_records(path: str, inp, on_error, skips) -> Iterator[tuple[str, dict]]:
     for col, feat in ds.features.items():
         if isinstance(feat, datasets.ClassLabel):
             names[col] = feat.names
-        elif isinstance(feat, (datasets.Sequence, datasets.List)) and isinstance(getattr(feat, "feature", None), datasets.ClassLabel):
+        elif isinstance(feat, (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))) and isinstance(getattr(feat, "feature", None), datasets.ClassLabel):
             names[col] = feat.feature.names
     for i, row in enumerate(ds):
         for col, nm in names.items():

@@ -59,6 +59,8 @@ class TrainPipeline:
         if check_tok and data.tokenizer:
             check_tokenizer(self.manifest, data.tokenizer, str(Path(data.shards_dir) / "manifest.json"))
         self.objective = resolve_objective(cfg)
+        # what the packer needs: causal LMs never look at the encoder arrays or the metadata
+        self.fields = ("prompt_ids", "target_ids") if self.objective == "causal_lm" else ("enc_ids", "enc_tags", "meta")
         self.seq_len, self.micro_batch = data.seq_len, cfg.train.micro_batch_size
         self.pad_id = _pad_id(self.manifest)
         self.task_names = list(cfg.tasks)
@@ -69,7 +71,7 @@ class TrainPipeline:
         for t in self.train_tasks:
             shards = split_shards(self.manifest, data.shards_dir, t, "train")
             self.streams[t] = TaskStream(shards, rank, world_size, infinite=True, seed=data.seed, name=t,
-                                         window=data.shuffle_buffer)
+                                         window=data.shuffle_buffer, fields=self.fields)
             sizes[t] = sum(n for _, n in shards)
         self.mixture = TaskMixture(sizes, cfg.mixture, {t: cfg.tasks[t].weight for t in self.train_tasks})
         self.rng = random.Random(f"{data.seed}:mixture:{rank}")

@@ -125,7 +125,7 @@ def iter_tar(buf: bytes) -> Iterator[tuple[str, bytes]]:
         if hdr.count(0) == 512:
             return
         want = _octal(hdr[148:156])
-        if want != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+        if want != sum(hdr) - sum(hdr[148:156]) + 256:  # the checksum field counts as 8 spaces
             raise _TarError(f"bad header checksum at byte {pos}")
         size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136])
         typ = hdr[156:157]
@@ -154,15 +154,36 @@ def iter_tar(buf: bytes) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def read_shard(path: str | Path, expect: Optional[int] = None, keep=None) -> Iterator[dict[str, Any]]:
+def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[dict[str, Any]]:
+    """Group consecutive members into samples by webdataset's convention: the key is the
+    name up to the first dot of its last path component, the rest is the member's field."""
+    cur: Optional[dict[str, Any]] = None
+    for name, data in members:
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        if dot < 0:
+            continue  # no extension: not part of a sample (webdataset skips these too)
+        key, field = name[:dot], name[dot + 1:]
+        if cur is None or cur["__key__"] != key:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key}
+        if field in cur:
+            raise _TarError(f"sample {key!r} holds {field!r} twice")
+        cur[field] = data
+    if cur is not None:
+        yield cur
+
+
+def read_shard(path: str | Path, expect: Optional[int] = None, keep=None,
+               fields: Optional[tuple[str, ...]] = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of one tar shard, in order (webdataset's key convention and grouping).
 
-    ``keep(i) -> bool`` selects samples by position (the others are not decoded). A corrupt
+    ``keep(i) -> bool`` selects samples by position (the others are not decoded);
+    ``fields`` (e.g. ``("prompt_ids", "target_ids")``) decodes only those members. A corrupt
     or truncated tar, or another sample count than the manifest's ``expect``, raises
     :class:`DataError` naming the shard. Compressed tars go through webdataset's reader.
     """
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     path = Path(path)
     n = 0
     fix = "rebuild it with `megamt build-shards`"
@@ -170,12 +191,15 @@ def read_shard(path: str | Path, expect: Optional[int] = None, keep=None) -> Ite
         with open(path, "rb") as f:
             buf = f.read()
         if buf[:2] == b"\x1f\x8b" or buf[:3] == b"BZh" or buf[:6] == b"\xfd7zXZ\x00":
-            members = ({"fname": m["fname"], "data": m["data"], "__url__": str(path)}
-                       for m in tar_file_iterator(io.BytesIO(buf)))
+            from webdataset.tariterators import tar_file_iterator
+
+            members = ((m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(buf)))
         else:
-            members = ({"fname": name, "data": data, "__url__": str(path)} for name, data in iter_tar(buf))
-        for raw in group_by_keys(members):
+            members = iter_tar(buf)
+        for raw in _group(members):
             if keep is None or keep(n):
+                if fields is not None:
+                    raw = {k: v for k, v in raw.items() if k == "__key__" or k.rsplit(".", 1)[0] in fields}
                 yield decode_sample(raw, f"{path} (sample {raw.get('__key__')})")
             n += 1
     except DataError:

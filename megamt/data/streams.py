@@ -39,16 +39,17 @@ class TaskStream:
 
     def __init__(self, shards: list[tuple[Path, int]], consumer: int = 0, num_consumers: int = 1,
                  infinite: bool = True, seed: int = 0, name: str = "", shuffle: Optional[bool] = None,
-                 window: int = 1):
+                 window: int = 1, fields: Optional[tuple[str, ...]] = None):
         """``window``: training shuffles examples in windows of consecutive shards (in the epoch's
-        shard order) holding at least this many of the consumer's examples (``data.shuffle_buffer``)."""
+        shard order) holding at least this many of the consumer's examples (``data.shuffle_buffer``).
+        ``fields``: decode only these members of each sample (default: all)."""
         if not 0 <= consumer < num_consumers:
             raise ValueError(f"consumer {consumer} not in [0, {num_consumers})")
         self.shards = [(Path(p), int(n)) for p, n in shards]
         self.consumer, self.num_consumers = consumer, num_consumers
         self.infinite = infinite
         self.shuffle = infinite if shuffle is None else shuffle
-        self.seed, self.name, self.window = seed, name, max(1, int(window))
+        self.seed, self.name, self.window, self.fields = seed, name, max(1, int(window)), fields
         total = sum(n for _, n in self.shards)
         self.offsets = [0]
         for _, n in self.shards:
@@ -103,7 +104,7 @@ class TaskStream:
             else:
                 off, S, c = self.offsets[shard], self.num_consumers, self.consumer
                 keep = lambda i, off=off: (off + i) % S == c  # noqa: E731
-            items.extend(read_shard(path, expect=n, keep=keep))
+            items.extend(read_shard(path, expect=n, keep=keep, fields=self.fields))
         if self.shuffle:
             random.Random(f"{self.seed}:{self.name}:{self.consumer}:{self.epoch}:w{w}").shuffle(items)
         return items

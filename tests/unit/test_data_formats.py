@@ -78,6 +78,13 @@ def test_hf_save_to_disk_and_load_dataset(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(str(tmp_path / "hf"))
     ex = read(task("classification", tmp_path / "hf", "hf_disk", fields={"text": "sentence"}))
     assert [(e.fields["text"], e.fields["label"]) for e in ex] == [("good film", "positive"), ("bad film", "negative")]
+    ner = datasets.Dataset.from_dict(
+        {"words": [["Ann", "in", "Rome"]], "ner_tags": [[1, 0, 2]]},
+        features=datasets.Features({"words": datasets.Sequence(datasets.Value("string")),
+                                    "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "I-PER", "I-LOC"]))}))
+    ner.save_to_disk(str(tmp_path / "ner"))
+    ex = read(task("ner", tmp_path / "ner", "hf_disk", fields={"tokens": "words", "tags": "ner_tags"}))
+    assert ex[0].fields == {"tokens": ["Ann", "in", "Rome"], "tags": ["B-PER", "O", "B-LOC"]}
     (tmp_path / "x.jsonl").write_text('{"q": "a b", "r": "b a"}\n')
     ex = read(task("instruction", tmp_path / "x.jsonl", "hf", fields={"prompt": "q", "response": "r"}))
     assert ex[0].fields == {"prompt": "a b", "response": "b a"} and ex[0].key.endswith(":#0")

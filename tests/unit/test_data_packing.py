@@ -183,3 +183,18 @@ def test_encoder_head_labels(tmp_path):
                     else:
                         assert (st == IGNORE).all() and (en == IGNORE).all()
         assert seen == len(samples) == 12
+
+
+def test_encoder_overlong_truncation_keeps_last_token_and_drops_cut_answers():
+    from megamt.data.packing import fit_overlong
+
+    toks = np.arange(1, 21)
+    qa = PackItem(toks, 0, span=(12, 13), ctx=(5, 18))
+    got = fit_overlong(qa, 10, "truncate")
+    assert got.tokens.tolist() == list(range(1, 10)) + [20] and got.span == (-1, -1) and got.ctx == (5, 8)
+    kept = fit_overlong(PackItem(toks, 0, span=(6, 7), ctx=(5, 18)), 10, "truncate")
+    assert kept.span == (6, 7)
+    ner = fit_overlong(PackItem(toks, 0, tags=np.arange(20)), 10, "truncate")
+    assert ner.tags.tolist() == list(range(9)) + [IGNORE]
+    b = collate_rows([[got]], 12, PAD, "encoder")
+    assert (b["start_labels"][0, 5:9] == 0).all() and (b["start_labels"][0, 9:] == IGNORE).all()

@@ -217,3 +217,49 @@ def test_real_samples_round_trip_through_shards(tmp_path):
                 assert [m["tasks"][name]["labels"][k] for k in first] == ex.fields["tags"]
             elif tc.task_type == "classification":
                 assert m["tasks"][name]["labels"][s["meta"]["class_id"]] == ex.fields["label"]
+
+
+@pytest.mark.parametrize("fmt", ["PAX_FORMAT", "GNU_FORMAT", "USTAR_FORMAT"])
+def test_fast_tar_reader_matches_tarfile(fmt):
+    """The strict tar reader (shards.iter_tar) against Python's tarfile on every tar dialect."""
+    import io
+    import tarfile
+
+    from megamt.data.shards import iter_tar
+
+    members = [("k1.prompt_ids.npy", b"\x01" * 700), ("k1.meta.json", b"{}"), ("k2.meta.json", b"[]" * 300),
+               ("d/" * 70 + "k3.meta.json", b"1"), ("\u00e9t\u00e9.meta.json", b"2"), ("empty.meta.json", b"")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=getattr(tarfile, fmt)) as t:
+        for name, data in members:
+            if fmt == "USTAR_FORMAT" and (len(name) > 100 or not name.isascii()):
+                continue
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), 1.5  # a float mtime makes PAX headers
+            t.addfile(ti, io.BytesIO(data))
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        ref = [(m.name, t.extractfile(m).read()) for m in t]
+    assert list(iter_tar(raw)) == ref and len(ref) >= 4
+    with pytest.raises(ValueError, match="checksum"):
+        list(iter_tar(raw[:100] + b"7" + raw[101:]))  # a flipped byte in the first header
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_tar(raw.rstrip(b"\0")))  # cut inside the last header, no end-of-archive block
+
+
+def test_fast_npy_matches_np_load():
+    import io
+
+    from megamt.data.shards import load_npy
+
+    for a in (np.arange(5, dtype=np.int32), np.arange(3, dtype=np.int64), np.array([], dtype=np.int32),
+              np.arange(4, dtype=">i4"), np.zeros((2, 3), np.int32), np.arange(70000, dtype=np.int32),
+              np.linspace(0, 1, 4)):
+        b = io.BytesIO()
+        np.save(b, a)
+        got, ref = load_npy(b.getvalue()), np.load(io.BytesIO(b.getvalue()))
+        assert got.dtype == ref.dtype and got.shape == ref.shape and (got == ref).all()
+    b = io.BytesIO()
+    np.save(b, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        load_npy(b.getvalue())  # object arrays would need pickle: refused
