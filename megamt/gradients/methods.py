@@ -193,16 +193,6 @@ def _affine_min_norm(gram: np.ndarray, S: list[int]) -> np.ndarray:
     return x[:k]
 
 
-def _pair_min_norm(v11: float, v12: float, v22: float) -> float:
-    """Weight ``gamma`` on the first of two vectors minimising |gamma a + (1 - gamma) b|."""
-    if v12 >= v11:
-        return 1.0
-    if v12 >= v22:
-        return 0.0
-    denom = v11 + v22 - 2 * v12
-    return float(np.clip((v22 - v12) / denom, 0.0, 1.0)) if denom > 0 else 0.5
-
-
 # --------------------------------------------------------------------------- methods
 
 
