@@ -72,3 +72,23 @@ def test_compute_metrics_selects_and_rejects():
     with pytest.raises(M.MetricError, match="empty eval split"):
         M.compute_metrics("ner", [], [])
     assert M.primary_metric("extractive_qa") == "f1"
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+@pytest.mark.skipif(not (REAL / "conll2003" / "eng.testa").is_file(), reason="real data samples absent")
+def test_tagged_span_round_trip_on_real_conll():
+    """Gold tags -> tagged-span text -> parsed tags scores 100 on real CoNLL sentences
+    (entities repeated in a sentence, adjacent entities, IOB1 input)."""
+    from megamt.config import InputConfig, TaskConfig
+    from megamt.data.formats import read_examples
+
+    task = TaskConfig(task_type="ner", inputs={"validation": InputConfig(path=str(REAL / "conll2003" / "eng.testa"),
+                                                                          format="conll")})
+    exs = list(read_examples("conll", task, "validation"))[:300]
+    gold = [e.fields["tags"] for e in exs]
+    pred = [M.parse_entities(M.format_entities(e.fields["tokens"], e.fields["tags"]), e.fields["tokens"]) for e in exs]
+    assert M.ner_metrics(gold, pred)["entity_f1"] == pytest.approx(100.0)
+    # dropping every prediction: recall 0
+    assert M.ner_metrics(gold, [["O"] * len(g) for g in gold])["entity_recall"] == 0.0
