@@ -1,0 +1,134 @@
+"""Fused vs unfused per-task loss under 2-rank ZeRO-3 (CPU): the same per-task losses at each
+of three optimizer steps and the same parameters after them, untied and tied embeddings.
+
+The file is also the worker: pytest launches it through the real `deepspeed` launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_fused_equals_unfused_under_zero3(tmp_path):
+    out = tmp_path / "result.json"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), str(HERE), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for tie in ("untied", "tied"):
+        r = result[tie]
+        assert r["partitioned"], "parameters were not ZeRO-3 partitioned"
+        assert r["fused_used"] and not r["unfused_used"]
+        assert r["init_diff"] == 0.0
+        assert r["count_equal"]
+        assert r["loss_max_abs_diff"] < 1e-5 * max(1.0, r["loss_max_abs"]), r
+        assert r["param_max_abs_diff"] < 1e-6, r
+        assert r["param_max_update"] > 1e-4, "the step did not move the parameters"
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def worker(out_path: str) -> None:
+    import deepspeed
+    import torch
+    from transformers.integrations import HfDeepSpeedConfig
+
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from packed_batches import pack_rows, random_rows
+
+    from megamt.config import ModelConfig, MultitaskConfig, TaskConfig, TrainConfig
+    from megamt.ds_config import build_ds_config
+    from megamt.losses import count_targets, step_loss
+    from megamt.model import MultitaskModel
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    vocab, T = 97, 3
+
+    def run(fused: bool, tie: bool):
+        fc = {"model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "tie_word_embeddings": tie}
+        cfg = MultitaskConfig(tasks={n: TaskConfig() for n in "abc"},
+                              model=ModelConfig(from_config=fc, fused_loss=fused, attn_implementation="sdpa"),
+                              train=TrainConfig(micro_batch_size=3, lr=1e-2, grad_clip=0.0, warmup_steps=1,
+                                                lr_schedule="constant"))
+        ds = build_ds_config(cfg, world, hidden_size=32)
+        torch.manual_seed(0)
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init while building)
+        model = MultitaskModel(cfg)
+        partitioned = all(p.numel() == 0 or p.ds_numel > p.numel() for p in model.parameters())
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+
+        def gathered():
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        init = gathered()
+        losses, counts, global_counts = [], [], []
+        for step in range(STEPS):  # DeepSpeed's warm-up gives the first step lr 0: take three
+            batch = pack_rows(random_rows(torch.Generator().manual_seed(100 * step + rank), 3, 32, T, vocab), 32)
+            count = count_targets(batch["labels"], batch["task_ids"], T)
+            torch.distributed.all_reduce(count)
+            tl = engine(batch)
+            engine.backward(step_loss(tl, count, torch.ones(T), world, 1))
+            engine.step()
+            loss_sum, local_count = tl.loss_sum.detach().clone(), tl.count.clone()
+            torch.distributed.all_reduce(loss_sum)
+            torch.distributed.all_reduce(local_count)
+            losses.append(loss_sum)
+            counts.append(local_count)
+            global_counts.append(count)
+        after = gathered()
+        return dict(partitioned=partitioned, fused=model.fused_loss, init=init, after=after,
+                    loss=torch.stack(losses), count=torch.stack(counts), global_count=torch.stack(global_counts))
+
+    result = {}
+    for tie in (False, True):
+        f, u = run(True, tie), run(False, tie)
+        result["tied" if tie else "untied"] = {
+            "partitioned": f["partitioned"] and u["partitioned"],
+            "fused_used": f["fused"], "unfused_used": u["fused"],
+            "init_diff": max(float((f["init"][n] - u["init"][n]).abs().max()) for n in f["init"]),
+            "count_equal": bool(torch.equal(f["count"], u["count"]) and torch.equal(f["count"], f["global_count"])),
+            "loss": f["loss"].tolist(), "loss_unfused": u["loss"].tolist(),
+            "loss_max_abs": float(u["loss"].abs().max()),
+            "loss_max_abs_diff": float((f["loss"] - u["loss"]).abs().max()),
+            "param_max_abs_diff": max(float((f["after"][n] - u["after"][n]).abs().max()) for n in f["after"]),
+            "param_max_update": max(float((f["after"][n] - f["init"][n]).abs().max()) for n in f["after"]),
+        }
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    a = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    worker(a.out)
