@@ -399,7 +399,7 @@ def markdown_report(report: dict) -> str:
     if held:
         lines += ["", "Zero-shot / supervised (single-task) ratio: " + "; ".join(
             f"{r['task']} " + ", ".join(f"{s} {v:.3f}" for s, v in r["ratio"].items()) for r in held)]
-    lines += ["", "| configuration | models | steps | total training time (s) | peak memory per process (GiB) | "
+    lines += ["", "| configuration | models | steps | total training time (s)¹ | peak memory per process (GiB) | "
               "parameters stored |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["resources"]:
         lines.append(f"| {r['configuration']} | {r['models']} | {r['steps']} | {r['train_seconds']:.1f} | "
@@ -407,7 +407,9 @@ def markdown_report(report: dict) -> str:
     ws = max(r["world_size"] for r in report["resources"])
     note = (" Runs shared one process (launcher inprocess): a run's peak memory is the process's peak so far."
             if spec["launcher"] == "inprocess" else "")
-    lines += ["", f"Launcher: {spec['launcher']}; ranks per run: {ws}.{note} Wall time of the whole experiment (shards, training, evaluation): "
+    lines += ["", "¹ `MultitaskTrainer.train()` of every model: the optimizer steps plus the final validation loss "
+              "and checkpoint; start-up and the metric evaluation are not included.",
+              "", f"Launcher: {spec['launcher']}; ranks per run: {ws}.{note} Wall time of the whole experiment (shards, training, evaluation): "
               f"{report.get('wall_seconds', float('nan')):.1f} s.", "",
               "Plots: `scores.png`, `loss_curves.png`" + (", `grad_cosine.png`" if report["cosines"] else
                                                          " (no gradient cosines measured)") + "."]
