@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,19 +46,25 @@ def shard_name(task: str, split: str, shard: int) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-_NPY_HEADER = re.compile(rb"\{'descr': '([<>|]?[iu][1248])', 'fortran_order': False, 'shape': \((\d+),\), \}")
+_NPY_PREFIX = b"\x93NUMPY\x01\x00"
+_NPY_1D = (b"{'descr': '", b"', 'fortran_order': False, 'shape': (", b",), }")
 
 
 def load_npy(data: bytes) -> np.ndarray:
     """A ``.npy`` payload → array, never unpickling. 1-D integer arrays (what megamt writes)
     take a fast path; anything else goes through ``np.load(allow_pickle=False)``."""
-    if data[:8] == b"\x93NUMPY\x01\x00":
+    if data.startswith(_NPY_PREFIX):
         hlen = int.from_bytes(data[8:10], "little")
-        m = _NPY_HEADER.match(data, 10, 10 + hlen)
-        if m:
-            dtype = np.dtype(m.group(1).decode())
-            return np.frombuffer(data, dtype=dtype, count=int(m.group(2)), offset=10 + hlen)
+        head = data[10:10 + hlen].rstrip(b" \n")
+        a, b, c = _NPY_1D
+        if head.startswith(a) and head.endswith(c):
+            descr, sep, count = head[len(a):-len(c)].partition(b)
+            if sep and descr in _INT_DESCRS and count.isdigit():
+                return np.frombuffer(data, dtype=_INT_DESCRS[descr], count=int(count), offset=10 + hlen)
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+_INT_DESCRS = {f"{o}{k}{n}".encode(): np.dtype(f"{o}{k}{n}") for o in "<>|" for k in "iu" for n in "1248"}
 
 
 def decode_sample(raw: dict, where: str) -> dict[str, Any]:
