@@ -79,6 +79,7 @@ class TrainPipeline:
         self.task_packers: dict[str, Packer] = {}
         self.step = 0
         self._make = encoder_item if self.objective == "encoder" else causal_item
+        self.log, self._warned_overlong = log, False
         if rank == 0 and log:
             log(self.mixture.describe(0))
 
@@ -96,7 +97,16 @@ class TrainPipeline:
     def _fill(self, packer: Packer, task: Optional[str]) -> None:
         while not packer.full:
             t = task if task is not None else self.mixture.sample(self.rng, self.step)
-            packer.add(self._make(self.streams[t].next(), self.task_index[t]))
+            item = self._make(self.streams[t].next(), self.task_index[t])
+            if not packer.add(item) or len(item) > self.seq_len:
+                self._warn_overlong(t, item)
+
+    def _warn_overlong(self, task: str, item) -> None:
+        if not self._warned_overlong and self.rank == 0 and self.log:
+            self.log(f"data: an example of task {task!r} ({item.key}) has {len(item)} tokens > data.seq_len="
+                     f"{self.seq_len}; data.overlong={self.cfg.data.overlong} (counted in TrainPipeline.stats(); "
+                     f"this is said once)")
+        self._warned_overlong = True
 
     def next_batch(self, task: Optional[str] = None) -> dict[str, Any]:
         """A micro-batch of ``train.micro_batch_size`` packed rows; with ``task``, only that task's examples."""
@@ -155,14 +165,15 @@ class TrainPipeline:
 
 def eval_batches(cfg, task: str, split: str, rank: int = 0, world_size: int = 1,
                  max_batches: Optional[int] = None, num_workers: Optional[int] = None,
-                 batch_size: Optional[int] = None) -> Iterator[dict[str, Any]]:
+                 batch_size: Optional[int] = None, log=print) -> Iterator[dict[str, Any]]:
     """One exact pass of ``task``/``split`` for this rank, as packed batches.
 
     Every example lands in exactly one batch of exactly one rank. Ranks may get different
     numbers of batches: a trainer running ZeRO-3 collectives must agree on a count
     (all-reduce max) and feed :func:`padding_batch` to the ranks that ran out.
     The last batch is filled with all-padding rows up to ``batch_size`` rows
-    (default ``train.micro_batch_size``).
+    (default ``train.micro_batch_size``). Examples longer than ``data.seq_len`` are truncated
+    or rejected per ``data.overlong``; the counts are logged at the end of the pass.
     """
     import torch.utils.data
 
@@ -185,7 +196,6 @@ def eval_batches(cfg, task: str, split: str, rank: int = 0, world_size: int = 1,
     def batch():
         nonlocal rows, emitted
         out = collate_rows(rows, data.seq_len, _pad_id(manifest), objective, num_rows=B)
-        out["eval_stats"] = dict(packer.stats)
         rows = []
         emitted += 1
         return out
@@ -206,6 +216,10 @@ def eval_batches(cfg, task: str, split: str, rank: int = 0, world_size: int = 1,
                 return
     if rows:
         yield batch()
+    cut, dropped = packer.stats["truncated"], packer.stats["overlong"]
+    if (cut or dropped) and log:
+        log(f"eval data {task}/{split} rank {rank}: {cut} example(s) truncated, {dropped} rejected "
+            f"(longer than data.seq_len={data.seq_len}, data.overlong={data.overlong})")
 
 
 def padding_batch(cfg, manifest: Optional[dict] = None, batch_size: Optional[int] = None) -> dict[str, Any]:

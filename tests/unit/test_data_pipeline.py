@@ -202,3 +202,15 @@ def test_exact_resume(demo, rank, world):
                 assert b_ref[key] == b_got[key]
     with pytest.raises(ValueError, match="same world size"):
         TrainPipeline(cfg, 0, world + 1, log=None).load_state_dict(state)
+
+
+def test_overlong_examples_are_reported(demo):
+    a, over = demo
+    cfg = load_config(a.spec, over + ["data.seq_len=24", "data.overlong=reject", f"data.shards_dir={a.root / 'val9'}"])
+    lines = []
+    p = TrainPipeline(cfg, 0, 1, log=lines.append)
+    for _ in range(3):
+        p.next_batch()
+    assert p.stats()["overlong"] > 0 and sum("data.seq_len=24" in l for l in lines) == 1
+    assert list(eval_batches(cfg, "summ", "validation", log=lines.append)) == []
+    assert "0 example(s) truncated, 25 rejected" in lines[-1]  # every summ example is longer than 24 tokens
