@@ -22,6 +22,7 @@ defaults to ``{answer}``). Slots by task type:
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 from dataclasses import dataclass
@@ -39,7 +40,12 @@ class Template:
 
     @property
     def slots(self) -> frozenset[str]:
-        return frozenset(f for _, f, _, _ in string.Formatter().parse(self.prompt + self.target) if f)
+        return _slots(self.prompt + self.target)
+
+
+@functools.lru_cache(maxsize=4096)
+def _slots(text: str) -> frozenset[str]:
+    return frozenset(f for _, f, _, _ in string.Formatter().parse(text) if f)
 
 
 REGISTRY: dict[str, Template] = {}
