@@ -304,30 +304,45 @@ def _read_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _cosine_records(run_dir: Path) -> list[dict]:
+    """Scalar records of a run: train_log.jsonl lines, else the TensorBoard events (tag -> value)."""
+    log = run_dir / "train_log.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    if any(k.startswith("grad/cos/") for r in recs for k in r):
+        return recs
+    tb = run_dir / "tensorboard"
+    if not tb.is_dir():
+        return []
+    from megamt.metrics_log import read_scalars
+
+    by_step: dict[int, dict] = {}
+    for tag, series in read_scalars(tb).items():
+        if tag.startswith("grad/cos/"):
+            for step, value in series:
+                by_step.setdefault(step, {})[tag] = value
+    return list(by_step.values())
+
+
 def _read_cosines(run_dir: Path, tasks: list[str]):
-    """Mean task-gradient cosine matrix over the monitored steps, when the run logged one
-    (scalars ``grad/cos/<a>/<b>`` or ``gradients/cosine/<a>/<b>`` in train_log.jsonl)."""
+    """Mean task-gradient cosine matrix over the monitored steps, when the run measured it
+    (``grad/cos/<a>/<b>`` scalars of megamt.gradients.monitor, in train_log.jsonl or TensorBoard)."""
     import numpy as np
 
-    log = run_dir / "train_log.jsonl"
-    if not log.is_file():
-        return None
     sums, n = np.zeros((len(tasks), len(tasks))), np.zeros((len(tasks), len(tasks)))
-    for line in log.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in _cosine_records(run_dir):
         for k, v in rec.items():
             parts = k.split("/")
-            if v is None or len(parts) != 4 or "/".join(parts[:2]) not in ("grad/cos", "gradients/cosine"):
+            if v is None or len(parts) != 4 or parts[:2] != ["grad", "cos"]:
                 continue
             if parts[2] in tasks and parts[3] in tasks:
                 i, j = tasks.index(parts[2]), tasks.index(parts[3])
-                for a, b in ((i, j), (j, i)):
-                    sums[a, b] += v
-                    n[a, b] += 1
+                for x, y in ((i, j), (j, i)):
+                    sums[x, y] += v
+                    n[x, y] += 1
     if not n.any():
         return None
-    np.fill_diagonal(sums, np.where(np.diag(n) > 0, np.diag(sums), 1.0))
-    np.fill_diagonal(n, np.where(np.diag(n) > 0, np.diag(n), 1.0))
+    np.fill_diagonal(sums, 1.0)
+    np.fill_diagonal(n, 1.0)
     return (sums / np.maximum(n, 1)).tolist()
 
 

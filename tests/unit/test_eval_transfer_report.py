@@ -55,3 +55,18 @@ def test_missing_run_is_named(tmp_path):
     spec = {"tasks": ["a", "b"], "held_out": [], "steps_per_task": 1, "multitask": {"m": []}, "out": str(tmp_path)}
     with pytest.raises(FileNotFoundError, match="single-a"):
         aggregate(spec, plan_runs(spec))
+
+
+def test_cosines_read_back_from_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megamt.eval.transfer import _read_cosines
+
+    w = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step, v in ((1, 0.5), (2, -0.1)):
+        w.add_scalar("grad/cos/a/c", v, step)
+    w.close()
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "train/loss/a": 1.0}) + "\n")
+    mat = _read_cosines(tmp_path, ["a", "b", "c"])
+    assert mat[0][2] == pytest.approx(0.2) and mat[2][0] == pytest.approx(0.2)
+    assert mat[0][1] == 0.0 and mat[1][1] == 1.0  # b never measured against a
