@@ -292,21 +292,31 @@ class FusedLinearTaskCrossEntropyFunction(torch.autograd.Function):
                 label_smoothing, z_loss, use_triton, chunk_tokens):
         ops = TritonRowOps if use_triton else TorchRowOps
         index, labels_v, tasks_v = _active_tokens(labels, task_ids, ignore_index, num_tasks, weight.shape[0])
-        loss_sum, count, lse = _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks,
-                                        label_smoothing, z_loss, chunk_tokens)
+        # autocast would turn the block matmuls into bf16 behind our back: dtypes are explicit here
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            loss_sum, count, lse = _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks,
+                                            label_smoothing, z_loss, chunk_tokens)
         ctx.save_for_backward(hidden, weight, bias, index, labels_v, tasks_v, lse)
         ctx.config = (label_smoothing, z_loss, use_triton, chunk_tokens)
         ctx.mark_non_differentiable(count)
         return loss_sum, count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss_sum, _grad_count):
         hidden, weight, bias, index, labels_v, tasks_v, lse = ctx.saved_tensors
+        if weight.numel() == 0:
+            raise RuntimeError(
+                "fused_linear_task_cross_entropy backward: the LM head weight is an empty ZeRO-3 shard "
+                "now; call the loss inside the module whose forward gathered it, so DeepSpeed's "
+                "backward hooks gather it again (Liger-Kernel #1048, TRL #3368)"
+            )
         label_smoothing, z_loss, use_triton, chunk_tokens = ctx.config
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = _backward(TritonRowOps if use_triton else TorchRowOps, grad_loss_sum, hidden, weight, bias,
-                          index, labels_v, tasks_v, lse, label_smoothing, z_loss, chunk_tokens,
-                          need_hidden, need_weight, need_bias and bias is not None)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            grads = _backward(TritonRowOps if use_triton else TorchRowOps, grad_loss_sum, hidden, weight, bias,
+                              index, labels_v, tasks_v, lse, label_smoothing, z_loss, chunk_tokens,
+                              need_hidden, need_weight, need_bias and bias is not None)
         return (*grads, None, None, None, None, None, None, None, None)
 
 

@@ -193,9 +193,13 @@ def _runnable(kernel, device: torch.device):
 
 
 def _block_v(n_cols: int) -> int:
-    # 65536 // 2 fp32 elements per program, as in Triton's softmax tutorial: larger
-    # blocks spill registers; smaller ones loop more often.
-    return min(32768, triton.next_power_of_2(max(n_cols, 16)))
+    # At most 8192 elements per loop step: larger tiles spill registers, smaller ones
+    # loop more often (Liger and Triton's softmax tutorial use 32768 with 32 warps).
+    return min(8192, triton.next_power_of_2(max(n_cols, 16)))
+
+
+def _num_warps(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
 class TritonRowOps:
@@ -222,6 +226,7 @@ class TritonRowOps:
             v_start,
             HAS_SMOOTHING=row_sum is not None,
             BLOCK_V=_block_v(n_cols),
+            num_warps=_num_warps(_block_v(n_cols)),
         )
 
     @staticmethod
@@ -271,6 +276,7 @@ class TritonRowOps:
             HAS_SMOOTHING=label_smoothing > 0,
             HAS_Z_LOSS=z_loss > 0,
             BLOCK_V=_block_v(n_cols),
+            num_warps=_num_warps(_block_v(n_cols)),
         )
         return logits
 
