@@ -343,7 +343,7 @@ def _read_cosines(run_dir: Path, tasks: list[str]):
         return None
     np.fill_diagonal(sums, 1.0)
     np.fill_diagonal(n, 1.0)
-    return (sums / np.maximum(n, 1)).tolist()
+    return np.where(n > 0, sums / np.maximum(n, 1), np.nan).tolist()  # NaN: pair never measured
 
 
 def aggregate(spec: dict, runs: list[dict]) -> dict:

@@ -1,6 +1,7 @@
 """Transfer report from run summaries: differences, zero-shot ratios, resources, cosine heatmap."""
 
 import json
+import math
 
 import pytest
 
@@ -69,4 +70,4 @@ def test_cosines_read_back_from_tensorboard(tmp_path):
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "train/loss/a": 1.0}) + "\n")
     mat = _read_cosines(tmp_path, ["a", "b", "c"])
     assert mat[0][2] == pytest.approx(0.2) and mat[2][0] == pytest.approx(0.2)
-    assert mat[0][1] == 0.0 and mat[1][1] == 1.0  # b never measured against a
+    assert math.isnan(mat[0][1]) and mat[1][1] == 1.0  # b never measured against a: NaN, not 0
