@@ -106,3 +106,21 @@ def test_save_and_from_pretrained_roundtrip(tmp_path):
     assert again.task_names == ["a", "b", "c"]
     b = batch(seed=2)
     torch.testing.assert_close(again.logits(b), model.logits(b))
+
+
+def test_nonfinite_steps_are_counted_and_stop_the_run():
+    from megamt.trainer import MultitaskTrainer, NonFiniteError
+
+    trainer = object.__new__(MultitaskTrainer)  # only the bookkeeping of check_finite
+    trainer.step, trainer.rank, trainer.metrics, trainer.consecutive_nonfinite = 4, 1, None, 0
+    trainer.tcfg = tiny_config(False).train
+    trainer.tcfg.max_nonfinite_steps = 2
+    trainer.check_finite(True, [], 1.0)
+    assert trainer.consecutive_nonfinite == 0
+    trainer.check_finite(False, ["b"], None)
+    assert trainer.consecutive_nonfinite == 1
+    trainer.check_finite(True, [], 2.0)  # a good step resets the count
+    assert trainer.consecutive_nonfinite == 0
+    trainer.check_finite(False, [], float("inf"))
+    with pytest.raises(NonFiniteError, match="non-finite loss in task\\(s\\) c.*max_nonfinite_steps"):
+        trainer.check_finite(False, ["c"], float("nan"))
