@@ -103,18 +103,19 @@ def test_snapshots_gram_combine_writeback(fake_ds, contiguous):
         surgery.after_backward(0)
 
 
-def test_sum_is_measure_only_and_absent_tasks(fake_ds):
+@pytest.mark.parametrize("method", ["sum", "none"])  # none: monitor steps of plain training
+def test_sum_is_measure_only_and_absent_tasks(fake_ds, method):
     engine = FakeEngine(gas=2)
     fake_ds.append(engine)
     grads = torch.randn(2, sum(SIZES))
-    surgery = GradientSurgery(engine, GradientConfig(method="sum"), ["a", "b", "c"], backend="torch")
+    surgery = GradientSurgery(engine, GradientConfig(method=method), ["a", "b", "c"], backend="torch")
     surgery.begin_step()
     for t, task in enumerate([0, 2]):  # task b is absent this step
         engine.backward_task(grads[t])
         surgery.after_backward(task)
     before = engine.flat.clone()
     stats = surgery.finish()
-    assert not stats.applied and torch.equal(engine.flat, before)
+    assert not stats.applied and torch.equal(engine.flat, before) and stats.method == method
     assert stats.present.tolist() == [True, False, True]
     assert stats.gram[1].abs().sum() == 0 and stats.norms[1] == 0
     assert torch.allclose(stats.norms[[0, 2]], grads.double().norm(dim=1), rtol=1e-5)
