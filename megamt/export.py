@@ -67,14 +67,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model, folder = load_trained_model(checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = model.backbone
-    if model.config.model.lora.enabled:
-        from megamt.adapters import merge_for_export
-
-        backbone = merge_for_export(backbone)
     if model.family == "encoder":
-        model.save_pretrained(out)  # the encoder + heads through the heads module's own format
+        model.save_pretrained(out)  # encoder + heads in the heads module's format (merges LoRA itself)
     else:
+        backbone = model.backbone
+        if model.config.model.lora.enabled:
+            from megamt.adapters import merge_for_export
+
+            backbone = merge_for_export(backbone)
         backbone.save_pretrained(out)
         cfg = model.config
         cfg.model.lora.enabled = False  # merged
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"megamt export: error: {e}", file=sys.stderr)
         return 1
-    print(f"exported {args.checkpoint} -> {out} (load with AutoModelForCausalLM.from_pretrained)")
+    loader = "AutoModel + heads: MultitaskModel.from_pretrained" if (out / "heads.json").is_file() else \
+        "AutoModelForCausalLM.from_pretrained (or MultitaskModel.from_pretrained)"
+    print(f"exported {args.checkpoint} -> {out} (load with {loader})")
     return 0
 
 
