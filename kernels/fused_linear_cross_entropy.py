@@ -24,6 +24,26 @@ matmuls. Cost: 4 matmuls of 2·N·H·V flops (the unfused path and Liger do 3) a
 ``[N, V]`` memory; rows whose scale is 0 (ignored tokens, tasks with g_t = 0) are
 skipped in both passes.
 
+Design: the hinted forward (``grad_scale_hint``), 3 matmuls when the upstream is known
+--------------------------------------------------------------------------------------
+In training the upstream gradient is known before the forward up to one scalar: the
+trainer's objective is ``Σ_t w_t · L_t / N_t`` (global token counts ``N_t``), so
+``g_t = c · w_t / N_t`` where ``c`` collects what is applied later as one scalar (loss
+scaling, gradient accumulation, world size). Given ``hint[T] = w_t / N_t``, the forward
+does what Liger does with a scalar: token blocks of *whole* vocabulary rows (``lse`` is
+then known within the block), logits → ``D`` with ``c_i = hint[task_i]`` (one exp pass,
+``loss_and_grad_`` in task_cross_entropy.py) → ``grad_hidden rows += D·W``,
+``grad_weight += Dᵀ·hidden``, ``grad_bias += Σ_i D_i`` in fp32, kept for backward.
+Since every gradient is linear in ``g`` (``D`` is linear in ``c_i``), a backward that
+receives ``g = c · hint`` on the tasks that have tokens (tasks without tokens contribute
+nothing whatever their ``g_t``) returns the kept gradients times ``c``: 3 matmuls in
+all. Any other ``g`` (checked with allclose, rtol 1e-6, costs one host sync) takes the
+recompute path below, which is exact for every ``g``: a wrong hint costs time, never
+correctness. The kept gradients are used once (a second backward with
+``retain_graph=True`` recomputes). Extra memory: fp32 ``[V, H]`` + ``[N_active, H]`` (the
+gradients the reference allocates too, in fp32) + one ``[n, V]`` block. Tokens per block:
+``block elements // V`` (at least 1), capped by ``chunk_tokens``.
+
 Loop order: vocabulary blocks outside, token blocks inside. The forward merges each
 block into a running (max, sum-exp) per token. In the backward, grad_weight rows of a
 vocabulary block are finished after its inner token loop (fp32 accumulator of one block,
@@ -34,6 +54,7 @@ whenever a micro-batch has fewer tokens than the vocabulary.
 
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import torch
@@ -47,6 +68,14 @@ BACKENDS = ("auto", "triton", "torch")
 # H=4096, V=128256, N=32768, with matmuls of ≥ 0.5 TFLOP per block.
 _BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 _DEFAULT_CHUNK_TOKENS = {"cpu": 4096, "cuda": 8192}
+
+# grad_scale_hint: the upstream g must equal c · hint to this relative tolerance for the
+# kept gradients to be used (their error is then ≤ 1e-6 relative, far below fp32's 1e-5).
+_HINT_RTOL = 1e-6
+
+# How often each backward path ran in this process ("hinted": kept gradients × c;
+# "recompute": logits recomputed). For tests and profiling; never reset by the library.
+backward_path_counts: collections.Counter = collections.Counter()
 
 
 # --------------------------------------------------------------------------------------
@@ -217,6 +246,84 @@ def _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, lab
     return loss_sum, count, lse
 
 
+def _forward_hinted(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, label_smoothing, z_loss,
+                    chunk_tokens, hint, need_hidden, need_weight, need_bias):
+    """Loss and, for per-token scale ``hint[task_i]``, the fp32 gradients (see the design note).
+
+    Returns ``loss_sum, count, lse, kept`` with ``kept = (grad_hidden_rows, grad_weight,
+    grad_bias)``: fp32, ``None`` where not needed; ``grad_hidden_rows`` is ``[N_active, H]``
+    (``[N, H]`` when every token is active).
+    """
+    device, dtype = hidden.device, hidden.dtype
+    n_active = labels_v.numel()
+    vocab, h_dim = weight.shape
+    f32 = dict(dtype=torch.float32, device=device)
+    loss_sum = torch.zeros(num_tasks, **f32)
+    count = torch.zeros(num_tasks, **f32)
+    lse = torch.empty(n_active, **f32)
+    gh = torch.zeros(n_active, h_dim, **f32) if need_hidden else None
+    gw = torch.zeros(vocab, h_dim, **f32) if need_weight else None
+    gb = torch.zeros(vocab, **f32) if need_bias else None
+    if n_active == 0:
+        return loss_sum, count, lse, (gh, gw, gb)
+    scale = hint.to(device=device, dtype=torch.float32)[tasks_v]  # c_i = hint[task_i]
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    nt = max(1, _BLOCK_ELEMENTS[kind] // vocab)
+    nt = min(nt, chunk_tokens or nt, n_active)
+    buf = torch.empty(nt * vocab, dtype=dtype, device=device)
+    for t0 in range(0, n_active, nt):
+        t1 = min(t0 + nt, n_active)
+        h_blk = _rows(hidden, index, t0, t1)
+        d = _linear_block(h_blk, weight, bias, buf)
+        d = ops.loss_and_grad_(d, labels_v[t0:t1], tasks_v[t0:t1], scale[t0:t1], lse[t0:t1], loss_sum, count,
+                               label_smoothing, z_loss)
+        if need_hidden:
+            _add_mm_(gh[t0:t1], d, weight)
+        if need_weight:
+            _add_mm_(gw, d.t(), h_blk)
+        if need_bias:
+            gb += d.float().sum(0)
+        del d
+    return loss_sum, count, lse, (gh, gw, gb)
+
+
+def _hint_factor(grad_loss_sum, hint, count) -> Optional[float]:
+    """``c`` with ``g = c · hint`` on the tasks that have tokens, or None when there is none."""
+    present = count > 0
+    g = grad_loss_sum.float()[present]
+    h = hint.to(g.device, torch.float32)[present]
+    if g.numel() == 0:
+        return 0.0  # no tokens: every gradient is 0
+    k = int(h.abs().argmax())
+    if h[k] == 0:
+        return 0.0 if bool((g == 0).all()) else None
+    c = g[k] / h[k]
+    if not bool(torch.isfinite(c)) or not torch.allclose(g, c * h, rtol=_HINT_RTOL, atol=0.0):
+        return None
+    return float(c)
+
+
+def _scale_kept(kept, c, hidden, weight, bias, index):
+    """The kept fp32 gradients times ``c``, in the inputs' dtypes and shapes (in place: used once)."""
+    gh, gw, gb = kept
+    n, h_dim = hidden.shape
+    if gh is not None:
+        if c != 1.0:
+            gh.mul_(c)
+        if index is None and gh.shape[0] == n:
+            gh = gh.to(hidden.dtype)
+        else:
+            out = torch.zeros(n, h_dim, dtype=hidden.dtype, device=hidden.device)
+            if gh.shape[0]:
+                out.index_copy_(0, index, gh.to(hidden.dtype))
+            gh = out
+    if gw is not None:
+        gw = (gw.mul_(c) if c != 1.0 else gw).to(weight.dtype)
+    if gb is not None:
+        gb = (gb.mul_(c) if c != 1.0 else gb).to(bias.dtype)
+    return gh, gw, gb
+
+
 def _backward(ops, grad_loss_sum, hidden, weight, bias, index, labels_v, tasks_v, lse,
               label_smoothing, z_loss, chunk_tokens, need_hidden, need_weight, need_bias):
     device, dtype = hidden.device, hidden.dtype
@@ -289,13 +396,20 @@ class FusedLinearTaskCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, task_ids, num_tasks, ignore_index,
-                label_smoothing, z_loss, use_triton, chunk_tokens):
+                label_smoothing, z_loss, use_triton, chunk_tokens, grad_scale_hint, hint_needs):
         ops = TritonRowOps if use_triton else TorchRowOps
         index, labels_v, tasks_v = _active_tokens(labels, task_ids, ignore_index, num_tasks, weight.shape[0])
+        ctx.kept = None
         # autocast would turn the block matmuls into bf16 behind our back: dtypes are explicit here
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            loss_sum, count, lse = _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks,
-                                            label_smoothing, z_loss, chunk_tokens)
+            if grad_scale_hint is not None and any(hint_needs):
+                loss_sum, count, lse, ctx.kept = _forward_hinted(
+                    ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, label_smoothing, z_loss,
+                    chunk_tokens, grad_scale_hint, *hint_needs)
+                ctx.hint, ctx.count = grad_scale_hint, count.clone()
+            else:
+                loss_sum, count, lse = _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks,
+                                                label_smoothing, z_loss, chunk_tokens)
         ctx.save_for_backward(hidden, weight, bias, index, labels_v, tasks_v, lse)
         ctx.config = (label_smoothing, z_loss, use_triton, chunk_tokens)
         ctx.mark_non_differentiable(count)
@@ -305,19 +419,30 @@ class FusedLinearTaskCrossEntropyFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss_sum, _grad_count):
         hidden, weight, bias, index, labels_v, tasks_v, lse = ctx.saved_tensors
+        none = (None,) * 10
+        if ctx.kept is not None:
+            kept, ctx.kept = ctx.kept, None  # used at most once: returned tensors may become .grad
+            c = _hint_factor(grad_loss_sum, ctx.hint, ctx.count)
+            if c is not None:
+                backward_path_counts["hinted"] += 1
+                grads = _scale_kept(kept, c, hidden, weight, bias, index)
+                needs = ctx.needs_input_grad[:3]
+                return (*(g if need else None for g, need in zip(grads, needs)), *none)
+            del kept
         if weight.numel() == 0:
             raise RuntimeError(
                 "fused_linear_task_cross_entropy backward: the LM head weight is an empty ZeRO-3 shard "
                 "now; call the loss inside the module whose forward gathered it, so DeepSpeed's "
                 "backward hooks gather it again (Liger-Kernel #1048, TRL #3368)"
             )
+        backward_path_counts["recompute"] += 1
         label_smoothing, z_loss, use_triton, chunk_tokens = ctx.config
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             grads = _backward(TritonRowOps if use_triton else TorchRowOps, grad_loss_sum, hidden, weight, bias,
                               index, labels_v, tasks_v, lse, label_smoothing, z_loss, chunk_tokens,
                               need_hidden, need_weight, need_bias and bias is not None)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, *none)
 
 
 # --------------------------------------------------------------------------------------
@@ -338,6 +463,7 @@ def fused_linear_task_cross_entropy(
     z_loss: float = 0.0,
     backend: str = "auto",
     chunk_tokens: Optional[int] = None,
+    grad_scale_hint: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task summed cross-entropy of ``hidden @ weightᵀ (+ bias)`` without the ``[N, V]`` logits.
 
@@ -357,6 +483,12 @@ def fused_linear_task_cross_entropy(
         chunk_tokens: active tokens per block (default 4096 on CPU, 8192 on CUDA); the
             vocabulary block is sized so one logits block holds 16M (CPU) / 64M (CUDA)
             elements.
+        grad_scale_hint: optional ``[T]``, the expected upstream gradient on ``loss_sum`` up
+            to one scalar (in training ``w_t / global_count_t``). When given and a gradient
+            is needed, the forward also computes the gradients for ``g = hint`` (3 matmuls in
+            all instead of 4); the backward uses them, times ``c``, when the real ``g`` equals
+            ``c · hint`` on the tasks that have tokens, and recomputes exactly otherwise.
+            Costs fp32 ``[V, H]`` + ``[N, H]`` of memory from forward to backward.
 
     Returns:
         ``(loss_sum [T], count [T])``, fp32. ``loss_sum`` is differentiable w.r.t. hidden,
@@ -374,7 +506,17 @@ def fused_linear_task_cross_entropy(
         use_triton = True
     else:
         use_triton = False
+    hint_needs = (False, False, False)
+    if grad_scale_hint is not None:
+        if grad_scale_hint.shape != (num_tasks,) or not grad_scale_hint.dtype.is_floating_point:
+            raise ValueError(
+                f"fused_linear_task_cross_entropy: grad_scale_hint must be a float tensor of shape "
+                f"[num_tasks={num_tasks}], got {grad_scale_hint.dtype} {tuple(grad_scale_hint.shape)}"
+            )
+        grad_scale_hint = grad_scale_hint.detach()
+        if torch.is_grad_enabled():  # the kept gradients are only worth computing when a backward follows
+            hint_needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     return FusedLinearTaskCrossEntropyFunction.apply(
         hidden, weight, bias, labels, task_ids, num_tasks, ignore_index,
-        float(label_smoothing), float(z_loss), use_triton, chunk_tokens,
+        float(label_smoothing), float(z_loss), use_triton, chunk_tokens, grad_scale_hint, hint_needs,
     )

@@ -26,6 +26,15 @@ Math (ε = label_smoothing, z = z_loss, V = vocabulary size, p = softmax(x)):
     ∂(Σ_t g_t L_t)/∂x_ij = c_i · ∂loss_i/∂x_ij,   c_i = g_{task_i},
   a per-token (row) scale that the kernel folds in *before* the driver's matmuls sum
   over tokens (grad_weight = Dᵀ·hidden), which is why it cannot be applied afterwards.
+
+4. ``loss_and_grad_`` (the hinted forward, see ``fused_linear_cross_entropy.py``): on a
+   block that holds *whole* rows (all V columns), ``lse`` is known from the block alone,
+   so ops 1–3 run on it in one go: per-task loss into ``loss_sum``/``count``, ``lse``
+   stored, and the block overwritten with ``D`` for a per-token scale ``c_i`` given up
+   front. The torch version makes one ``exp`` pass: with ``m_i = max_j x_ij`` and
+   ``e_ij = exp(x_ij − m_i)``, ``s_i = Σ_j e_ij``, ``lse_i = m_i + log s_i`` and
+   ``p_ij = e_ij / s_i``, so ``D_ij = e_ij · c_i (1 + 2 z lse_i) / s_i − c_i ε/V − c_i (1−ε) δ_{j,y_i}``.
+   The Triton version chains the three kernels above (one more read of the block).
 """
 
 from __future__ import annotations
@@ -280,6 +289,21 @@ class TritonRowOps:
         )
         return logits
 
+    @staticmethod
+    def loss_and_grad_(logits, labels, tasks, scale, lse_out, loss_sum, count, label_smoothing, z_loss):
+        """Whole-row block: loss per task, ``lse_out``, and the block → ``D`` (ops 1–3 chained)."""
+        n_rows, n_classes = logits.shape
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        m = torch.full((n_rows,), float("-inf"), **f32)
+        s = torch.zeros(n_rows, **f32)
+        target_logit = torch.zeros(n_rows, **f32)
+        row_sum = torch.zeros(n_rows, **f32) if label_smoothing > 0 else None
+        TritonRowOps.lse_update(logits, 0, labels, m, s, target_logit, row_sum)
+        lse = TritonRowOps.finalize(m, s, target_logit, row_sum, tasks, loss_sum, count, n_classes,
+                                    label_smoothing, z_loss)
+        lse_out.copy_(lse)
+        return TritonRowOps.logits_grad_(logits, 0, labels, lse, scale, n_classes, label_smoothing, z_loss)
+
 
 class TorchRowOps:
     """The same row-wise ops in plain torch (the CPU path). Work in place where possible."""
@@ -323,6 +347,34 @@ class TorchRowOps:
         in_block = (local >= 0) & (local < n_cols)
         target = torch.where(in_block, scale * (1.0 - label_smoothing), torch.zeros_like(scale))
         x.scatter_add_(1, local.clamp(0, n_cols - 1).unsqueeze(1), -target.unsqueeze(1))
+        if x.dtype != logits.dtype:
+            logits.copy_(x)
+            return logits
+        return x
+
+    @staticmethod
+    def loss_and_grad_(logits, labels, tasks, scale, lse_out, loss_sum, count, label_smoothing, z_loss):
+        """Whole-row block: loss per task, ``lse_out``, and the block → ``D`` with one exp pass."""
+        n_classes = logits.shape[1]
+        x = logits.float()
+        target_logit = x.gather(1, labels.unsqueeze(1)).squeeze(1)
+        row_sum = x.sum(1) if label_smoothing > 0 else None
+        m = x.amax(1)
+        s = x.sub_(m.unsqueeze(1)).exp_().sum(1)  # x now holds e_ij = exp(x_ij - m_i)
+        lse = m + torch.log(s)
+        loss = lse - (1.0 - label_smoothing) * target_logit
+        if label_smoothing > 0:
+            loss -= (label_smoothing / n_classes) * row_sum
+        if z_loss > 0:
+            loss += z_loss * lse.square()
+        loss_sum.index_add_(0, tasks, loss)
+        count.add_(torch.bincount(tasks, minlength=count.numel()).to(count.dtype))
+        lse_out.copy_(lse)
+        p_coef = scale * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else scale
+        x.mul_((p_coef / s).unsqueeze(1))  # c_i (1 + 2z lse_i) p_ij
+        if label_smoothing > 0:
+            x.sub_((scale * (label_smoothing / n_classes)).unsqueeze(1))
+        x.scatter_add_(1, labels.unsqueeze(1), -(scale * (1.0 - label_smoothing)).unsqueeze(1))
         if x.dtype != logits.dtype:
             logits.copy_(x)
             return logits

@@ -5,9 +5,11 @@
 
 CPU section (fp32, N=8192, H=1024, V=32000 by default): forward + backward of
 ``fused_linear_task_cross_entropy(backend="torch")`` and of
-``reference_linear_task_cross_entropy`` (F.linear + F.cross_entropy + scatter_add), each
-in a fresh subprocess with the same thread settings (``torch.set_num_threads`` and
-OMP_NUM_THREADS = --threads). Variants alternate (ref, fused, ref, fused, ...) so that
+``reference_linear_task_cross_entropy`` (F.linear + F.cross_entropy + scatter_add), and
+of the fused path with ``grad_scale_hint`` (as the trainer calls it: the hint is the
+upstream gradient up to a scalar, so its backward takes the kept-gradient path; the
+child reports which backward path ran), each in a fresh subprocess with the same thread settings (``torch.set_num_threads`` and
+OMP_NUM_THREADS = --threads). Variants alternate (ref, fused, hinted, ref, fused, hinted, ...) so that
 load from other processes on a shared machine hits both; the best time per variant counts.
 
 Memory method: tracemalloc does not see torch's CPU allocations, so each subprocess
@@ -40,6 +42,9 @@ import sys
 import time
 
 
+VARIANTS = ("reference", "fused_torch", "fused_hinted")
+
+
 def _read_status(field: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
@@ -68,6 +73,7 @@ def _cpu_child(variant: str, n: int, h: int, v: int, t: int, threads: int, chunk
     import torch
 
     torch.set_num_threads(threads)
+    import megamt.kernels.fused_linear_cross_entropy as flce
     from megamt.kernels import fused_linear_task_cross_entropy, reference_linear_task_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
@@ -81,6 +87,9 @@ def _cpu_child(variant: str, n: int, h: int, v: int, t: int, threads: int, chunk
     def step():
         if variant == "reference":
             loss, count = reference_linear_task_cross_entropy(hidden, weight, labels, task_ids, t)
+        elif variant == "fused_hinted":  # the trainer knows g up to a scalar before the forward
+            loss, count = fused_linear_task_cross_entropy(hidden, weight, labels, task_ids, t, backend="torch",
+                                                          chunk_tokens=chunk_tokens, grad_scale_hint=upstream)
         else:
             loss, count = fused_linear_task_cross_entropy(hidden, weight, labels, task_ids, t, backend="torch",
                                                           chunk_tokens=chunk_tokens)
@@ -102,14 +111,15 @@ def _cpu_child(variant: str, n: int, h: int, v: int, t: int, threads: int, chunk
     loss = step()
     second, second_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return dict(variant=variant, peak_extra_bytes=peak - rss_before, seconds=min(first, second),
-                first_seconds=first, cpu_seconds=min(first_cpu, second_cpu), loss_total=float(loss.sum()))
+                first_seconds=first, cpu_seconds=min(first_cpu, second_cpu), loss_total=float(loss.sum()),
+                backward_paths=dict(flce.backward_path_counts))
 
 
 def cpu_section(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    results: dict[str, list] = {"reference": [], "fused_torch": []}
+    results: dict[str, list] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
-        for variant in ("reference", "fused_torch"):
+        for variant in VARIANTS:
             cmd = [sys.executable, __file__, "--child", variant, "--n", str(args.n), "--h", str(args.h),
                    "--v", str(args.v), "--t", str(args.t), "--threads", str(args.threads),
                    "--ignore-frac", str(args.ignore_frac)]
@@ -122,8 +132,9 @@ def cpu_section(args) -> dict:
             results[variant].append(res)
             print(f"  {variant:12s} fwd+bwd {res['seconds']:.2f} s wall, {res['cpu_seconds']:.2f} s CPU "
                   f"(first call {res['first_seconds']:.2f} s), "
-                  f"peak extra RSS {res['peak_extra_bytes'] / 2**20:.0f} MiB", flush=True)
-    ref, fused = results["reference"], results["fused_torch"]
+                  f"peak extra RSS {res['peak_extra_bytes'] / 2**20:.0f} MiB, backward paths {res['backward_paths']}",
+                  flush=True)
+    ref, fused, hinted = results["reference"], results["fused_torch"], results["fused_hinted"]
     best = lambda rs, key="seconds": min(r[key] for r in rs)  # noqa: E731
     mem = lambda rs: max(r["peak_extra_bytes"] for r in rs)  # noqa: E731
     rel = abs(ref[0]["loss_total"] - fused[0]["loss_total"]) / abs(ref[0]["loss_total"])
@@ -136,11 +147,19 @@ def cpu_section(args) -> dict:
         cpu_time_ratio=best(fused, "cpu_seconds") / best(ref, "cpu_seconds"),
         reference_peak_extra_MiB=mem(ref) / 2**20, fused_peak_extra_MiB=mem(fused) / 2**20,
         memory_ratio=mem(fused) / mem(ref), loss_rel_diff=rel,
+        hinted_seconds=best(hinted), hinted_time_ratio=best(hinted) / best(ref),
+        hinted_cpu_seconds=best(hinted, "cpu_seconds"),
+        hinted_cpu_time_ratio=best(hinted, "cpu_seconds") / best(ref, "cpu_seconds"),
+        hinted_peak_extra_MiB=mem(hinted) / 2**20, hinted_memory_ratio=mem(hinted) / mem(ref),
+        hinted_loss_rel_diff=abs(ref[0]["loss_total"] - hinted[0]["loss_total"]) / abs(ref[0]["loss_total"]),
+        hinted_backward_paths=hinted[0]["backward_paths"],
         targets=dict(time_ratio_max=1.2, memory_ratio_max=0.25),
     )
     print(f"CPU fp32 N={args.n} H={args.h} V={args.v} T={args.t}, {args.threads} threads: "
           f"time fused/ref = {out['time_ratio']:.2f} wall, {out['cpu_time_ratio']:.2f} CPU (target <= 1.2), "
-          f"peak extra memory fused/ref = {out['memory_ratio']:.3f} (target <= 0.25)", flush=True)
+          f"peak extra memory fused/ref = {out['memory_ratio']:.3f} (target <= 0.25); hinted/ref: time "
+          f"{out['hinted_time_ratio']:.2f} wall, {out['hinted_cpu_time_ratio']:.2f} CPU, memory "
+          f"{out['hinted_memory_ratio']:.3f}", flush=True)
     return out
 
 
@@ -230,7 +249,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="N=2048, H=256, V=8000, one round")
     p.add_argument("--gpu-tokens", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     p.add_argument("--skip-cpu", action="store_true")
-    p.add_argument("--child", choices=["reference", "fused_torch"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(_cpu_child(args.child, args.n, args.h, args.v, args.t, args.threads, args.chunk_tokens,
