@@ -23,9 +23,10 @@ when imports peaked higher).
 
 GPU section (only with CUDA; bf16, H=4096, V=128256, N in 4096..32768): time and peak
 memory (torch.cuda.max_memory_allocated above the inputs) of the reference, the fused
-Triton path and Liger-Kernel's LigerFusedLinearCrossEntropyLoss (if installed), with
+Triton path and the same with ``grad_scale_hint`` and
+Liger-Kernel's LigerFusedLinearCrossEntropyLoss (if installed), with
 TFLOP/s = 6·N·H·V / time (the forward + backward matmul flops of the unfused path; the
-fused path executes 8·N·H·V since it recomputes the logits) against the card's measured
+fused path executes 8·N·H·V since it recomputes the logits; the hinted one 6·N·H·V) against the card's measured
 bf16 matmul rate. Prints "skipped: no CUDA" otherwise.
 
 The last line printed is one JSON object with every number.
@@ -211,6 +212,9 @@ def gpu_section(args) -> dict:
                                   * upstream).sum().backward(),
             "fused_triton": lambda: (fused_linear_task_cross_entropy(hidden, weight, labels, task_ids, t,
                                                                      backend="triton")[0] * upstream).sum().backward(),
+            "fused_triton_hinted": lambda: (fused_linear_task_cross_entropy(
+                hidden, weight, labels, task_ids, t, backend="triton", grad_scale_hint=upstream)[0]
+                * upstream).sum().backward(),
         }
         if LigerFusedLinearCrossEntropyLoss is not None:
             liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")  # one scalar: no per-task reduction

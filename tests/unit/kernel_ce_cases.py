@@ -53,8 +53,11 @@ def _run(fn, case, **kwargs):
     return loss_sum, count, grads
 
 
-def check_against_reference(case, backend, *, label_smoothing=0.0, z_loss=0.0, chunk_tokens=None):
+def check_against_reference(case, backend, *, label_smoothing=0.0, z_loss=0.0, chunk_tokens=None, hint=None):
     """Fused (given backend) vs the unfused reference run in float64 on the same inputs.
+
+    ``hint``: passed to the fused op as ``grad_scale_hint`` (the upstream gradient stays
+    ``case["upstream"]``, so the test picks the backward path by how the two relate).
 
     float64 makes the reference the ground truth: in fp32 the reference's own rounding
     (its [N, V] @ [V, H] matmul sums 32k products) is larger than the fused path's.
@@ -64,6 +67,8 @@ def check_against_reference(case, backend, *, label_smoothing=0.0, z_loss=0.0, c
                     bias=None if case["bias"] is None else case["bias"].double(), upstream=case["upstream"].double())
     kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
     ref_loss, ref_count, ref_grads = _run(reference_linear_task_cross_entropy, ref_case, **kw)
+    if hint is not None:
+        kw["grad_scale_hint"] = hint
     loss, count, grads = _run(fused_linear_task_cross_entropy, case, backend=backend,
                               chunk_tokens=chunk_tokens, **kw)
     tol = TOL[dtype]

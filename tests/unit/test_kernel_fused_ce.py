@@ -171,3 +171,97 @@ def test_label_smoothing_matches_torch_definition():
     want = -(0.8 * logp[0, 3] + 0.2 * logp[0].mean()) + 0.01 * lse[0] ** 2
     torch.testing.assert_close(loss[0], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(F.cross_entropy(logits, y, label_smoothing=0.2) + 0.01 * lse[0] ** 2, want)
+
+
+# --------------------------------------------------------------------------------------
+# grad_scale_hint: gradients computed in the forward, used when g = c · hint
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def path_counts():
+    flce.backward_path_counts.clear()
+    return flce.backward_path_counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream,path", [("hint", "hinted"), ("scaled", "hinted"), ("unrelated", "recompute")])
+def test_hint_fast_path_and_fallback(small_blocks, path_counts, dtype, upstream, path):
+    # odd shapes, bias, 30% ignored tokens, label smoothing and z-loss; 64-token blocks of whole
+    # vocabulary rows in the hinted forward (7 blocks, the last one partial)
+    case = make_case(423, 37, 5003, 5, dtype=dtype, bias=True, seed=13)
+    hint = torch.rand(5, generator=torch.Generator().manual_seed(1)) + 0.1
+    case["upstream"] = {"hint": hint, "scaled": 3.7 * hint, "unrelated": case["upstream"]}[upstream]
+    check_against_reference(case, "torch", label_smoothing=0.1, z_loss=1e-3, chunk_tokens=64, hint=hint)
+    assert dict(path_counts) == {path: 1}
+
+
+def test_hint_tasks_without_tokens_are_dont_care(path_counts):
+    # tasks 1 and 3 have no tokens: g may differ from c·hint there (and hint may be 0 there),
+    # the fast path still applies; a zero hint on a task *with* tokens forces g_t = 0 there
+    case = make_case(200, 24, 999, 5, tasks=[0, 2, 4], seed=14)
+    hint = torch.tensor([0.5, 0.0, 2.0, 9.0, 0.25])
+    case["upstream"] = torch.tensor([1.0, -7.0, 4.0, 3.0, 0.5])  # 2·hint on tasks 0, 2, 4
+    check_against_reference(case, "torch", label_smoothing=0.05, hint=hint)
+    hint = torch.tensor([0.5, 1.0, 0.0, 1.0, 0.25])  # task 2 has tokens and hint 0, but g_2 = 4
+    check_against_reference(case, "torch", z_loss=1e-3, hint=hint)
+    assert dict(path_counts) == {"hinted": 1, "recompute": 1}
+    # every token ignored: all gradients are 0 whatever g
+    case = make_case(64, 16, 300, 3, bias=True, ignore_frac=1.1, seed=6)
+    _, _, grads = check_against_reference(case, "torch", hint=torch.ones(3))
+    assert all(g.abs().sum() == 0 for g in grads)
+
+
+def test_hint_no_ignored_tokens_and_zero_upstream(small_blocks, path_counts):
+    # every token active (grad_hidden kept as the full [N, H]) and g = 0 on two tasks
+    case = make_case(300, 33, 4001, 4, ignore_frac=0.0, seed=7)
+    hint = torch.tensor([0.0, 1.5, 0.0, -0.7])
+    case["upstream"] = -2.0 * hint
+    check_against_reference(case, "torch", label_smoothing=0.1, chunk_tokens=64, hint=hint)
+    assert dict(path_counts) == {"hinted": 1}
+
+
+def test_hint_only_when_a_gradient_follows(path_counts, monkeypatch):
+    case = make_case(100, 16, 500, 2, bias=True, seed=10)
+    args = (case["labels"], case["task_ids"], 2)
+    hint = torch.tensor([1.0, 2.0])
+
+    def no_hinted_forward(*a, **k):
+        raise AssertionError("the hinted forward ran without a gradient to compute")
+
+    with monkeypatch.context() as m:
+        m.setattr(flce, "_forward_hinted", no_hinted_forward)
+        with torch.no_grad():
+            loss, _ = fused_linear_task_cross_entropy(case["hidden"].clone().requires_grad_(), case["weight"],
+                                                      *args, bias=case["bias"], backend="torch",
+                                                      grad_scale_hint=hint)
+        # nothing requires grad
+        fused_linear_task_cross_entropy(case["hidden"], case["weight"], *args, bias=case["bias"], backend="torch",
+                                        grad_scale_hint=hint)
+    # only hidden requires grad: only its gradient is kept, and it matches the reference
+    hidden = case["hidden"].detach().clone().requires_grad_()
+    got, _ = fused_linear_task_cross_entropy(hidden, case["weight"], *args, bias=case["bias"], backend="torch",
+                                             grad_scale_hint=hint)
+    torch.testing.assert_close(got.detach(), loss)
+    (g_got,) = torch.autograd.grad((got * hint * 0.3).sum(), [hidden])
+    ref, _ = reference_linear_task_cross_entropy(hidden, case["weight"], *args, bias=case["bias"])
+    (g_ref,) = torch.autograd.grad((ref * hint * 0.3).sum(), [hidden])
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
+    assert dict(path_counts) == {"hinted": 1}
+    with pytest.raises(ValueError, match="grad_scale_hint must be"):
+        fused_linear_task_cross_entropy(hidden, case["weight"], *args, grad_scale_hint=torch.ones(3))
+
+
+def test_hint_second_backward_recomputes(path_counts):
+    # the kept gradients are handed out once; retain_graph + a second backward recomputes
+    case = make_case(120, 20, 700, 3, seed=15)
+    hidden = case["hidden"].clone().requires_grad_()
+    weight = case["weight"].clone().requires_grad_()
+    hint = torch.tensor([1.0, 0.5, 2.0])
+    loss, _ = fused_linear_task_cross_entropy(hidden, weight, case["labels"], case["task_ids"], 3,
+                                              backend="torch", grad_scale_hint=hint)
+    first = torch.autograd.grad((loss * hint).sum(), [hidden, weight], retain_graph=True)
+    second = torch.autograd.grad((loss * hint).sum(), [hidden, weight])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    assert dict(path_counts) == {"hinted": 1, "recompute": 1}

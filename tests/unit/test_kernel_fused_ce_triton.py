@@ -90,6 +90,20 @@ def test_zero_upstream_for_a_task(tiny_blocks):
     check_against_reference(case, "triton", label_smoothing=0.1, chunk_tokens=16)
 
 
+@needs_runnable_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scale_hint(tiny_blocks, dtype):
+    # hinted forward (whole-row blocks of 2048 // 300 = 6 tokens): g = 2.5 · hint takes the
+    # kept gradients, an unrelated g the recompute path; both match the reference
+    case = _device_case(make_case(45, 24, 300, 3, dtype=dtype, bias=True, seed=27))
+    hint = case["upstream"].abs() + 0.1
+    flce.backward_path_counts.clear()
+    check_against_reference(dict(case, upstream=2.5 * hint), "triton", label_smoothing=0.1, z_loss=1e-3,
+                            chunk_tokens=16, hint=hint)
+    check_against_reference(case, "triton", label_smoothing=0.1, z_loss=1e-3, chunk_tokens=16, hint=hint)
+    assert dict(flce.backward_path_counts) == {"hinted": 1, "recompute": 1}
+
+
 def test_triton_cases_under_interpreter():
     """Runs this file's cases in a child process with TRITON_INTERPRET=1 (CPU machines)."""
     if _CAN_RUN:
