@@ -69,6 +69,10 @@ class StepResult:
     applied: bool
     nonfinite_tasks: list[str] = field(default_factory=list)
     stop_requested: bool = False
+    weights: dict[str, float] = field(default_factory=dict)
+    """The balancer's per-task loss weights used in this step."""
+    surgery: Any = None
+    """megamt.gradients.SurgeryStats when this step measured per-task gradients, else None."""
 
 
 # --------------------------------------------------------------------------- distributed
@@ -169,11 +173,20 @@ class MultitaskTrainer:
         self.consecutive_nonfinite = 0
         self._signal: int | None = None
         self._fault_steps = {int(s) for s in os.environ.get(FAULT_NONFINITE_ENV, "").split(",") if s.strip()}
-        # Hooks for the gradient-methods part (megamt.gradients): a loss balancer giving the
-        # per-task weights, and GradientSurgery acting on the ZeRO partitions between the
-        # per-task backward passes. None = equal weights, no surgery.
-        self.balancer = None
+        # megamt.gradients: the loss balancer gives the per-task weights w_t of every step;
+        # GradientSurgery acts on the ZeRO partitions between per-task backward passes, on
+        # every step in gradient-method mode and, measure-only, every monitor_every steps.
+        from megamt.gradients import GradientSurgery, build_balancer
+
+        self.balancer = build_balancer(config.gradients, self.task_names)
+        self.monitor_every = config.gradients.monitor_every
         self.surgery = None
+        if self.gradient_method_mode or self.monitor_every:
+            # losses.step_loss cancels DeepSpeed's 1/GAS and rank averaging, so a snapshot
+            # difference is exactly d(w_t * mean_t)/d(theta): no GAS rescaling of G
+            self.surgery = GradientSurgery(self.engine, config.gradients, self.task_names,
+                                           method=None if self.gradient_method_mode else "none",
+                                           scale_wrt_gas=False)
         self.metrics: MetricsLogger | None = None
 
     # ----------------------------------------------------------------- building
@@ -270,20 +283,26 @@ class MultitaskTrainer:
         t0 = time.perf_counter()
         if hasattr(self.pipeline, "set_step"):
             self.pipeline.set_step(self.step)
-        micro_batches = self.next_micro_batches()
+        measure = self.measures_task_gradients(self.step + 1)
+        micro_batches = self.next_micro_batches(per_task=measure)
         global_count, tokens = self.global_target_counts(micro_batches)
         weights = self.task_weights()
         loss_sum = torch.zeros(self.num_tasks, dtype=torch.float32)
-        if self.surgery is not None:
+        stats = None
+        if measure:
             self.surgery.begin_step()
         for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # the boundary is set explicitly: a measuring step has one micro-batch per task,
+            # the others train.grad_accum (step_loss scales by DeepSpeed's GAS either way)
+            self.engine.set_gradient_accumulation_boundary(last)
             task_loss = self.forward_backward_step(batch, global_count, weights)
             loss_sum += task_loss.loss_sum.detach().float().cpu()
-            if self.surgery is not None:
-                # gradient-method mode: micro-batch i holds task self.train_tasks[i] only
+            if measure:
+                # micro-batch i holds task self.train_tasks[i] only
                 self.surgery.after_backward(self.task_names.index(self.train_tasks[i]))
-                if i == len(micro_batches) - 1:
-                    self.surgery.finish()  # write the combined partitions back before the real step
+                if last:
+                    stats = self.surgery.finish()  # combined partitions written back before the real step
             self.engine.step()  # DeepSpeed: a no-op for the weights until the accumulation boundary
         # one all-reduce: the step's per-task loss sums and the stop flag of every rank
         reduced = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(self._signal is not None)])]).to(
@@ -292,6 +311,8 @@ class MultitaskTrainer:
         means = task_means(loss_sum, global_count)
         present = global_count > 0
         loss = float((weights * means)[present].sum())
+        self.balancer.update(self.step + 1, torch.where(present, means, torch.full_like(means, float("nan"))),
+                             gram=None if stats is None else stats.gram, present=present)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = None if grad_norm is None else float(grad_norm)
         applied = self.engine.was_step_applied()
@@ -304,15 +325,20 @@ class MultitaskTrainer:
                          if self.task_names[i] in self.train_tasks},
             tokens=tokens, grad_norm=grad_norm, lr=float(self.engine.get_lr()[0]),
             step_time_s=time.perf_counter() - t0, applied=applied and not nonfinite, nonfinite_tasks=nonfinite,
-            stop_requested=stop)
+            stop_requested=stop, weights={t: float(weights[i]) for i, t in enumerate(self.task_names)
+                                          if t in self.train_tasks}, surgery=stats)
 
-    def next_micro_batches(self) -> list[dict[str, Any]]:
+    def measures_task_gradients(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) runs per-task backward passes."""
+        return self.gradient_method_mode or bool(self.monitor_every and step % self.monitor_every == 0)
+
+    def next_micro_batches(self, per_task: bool = False) -> list[dict[str, Any]]:
         """The whole step's micro-batches, fetched before any forward (their target counts
         are needed up front for the global normalisation)."""
-        if self.gradient_method_mode:
-            # gradient-method mode: one task-homogeneous micro-batch per training task, in task
-            # order, each its own forward + backward (ZeRO-3 cannot backward twice through one
-            # forward); megamt.gradients.GradientSurgery combines them before the step.
+        if per_task:
+            # one task-homogeneous micro-batch per training task, in task order, each its own
+            # forward + backward (ZeRO-3 cannot backward twice through one forward);
+            # megamt.gradients.GradientSurgery measures and combines them before the step.
             return [self.pipeline.next_batch(task=t) for t in self.train_tasks]
         return [self.pipeline.next_batch() for _ in range(self.grad_accum)]
 
@@ -335,10 +361,9 @@ class MultitaskTrainer:
         return count_targets(batch["labels"], batch["task_ids"], self.num_tasks)
 
     def task_weights(self) -> torch.Tensor:
-        """Per-task loss weights w_t: equal (1.0) unless a balancer is wired in."""
-        if self.balancer is not None:
-            return torch.as_tensor(self.balancer.weights(), dtype=torch.float32)
-        return torch.ones(self.num_tasks, dtype=torch.float32)
+        """Per-task loss weights w_t of this step, from the balancer (gradients.loss_weighting);
+        constant within the step, identical on every rank."""
+        return self.balancer.current_weights().detach().float().cpu()
 
     def forward_backward_step(self, batch: dict[str, Any], global_count: torch.Tensor,
                               weights: torch.Tensor) -> TaskLoss:
@@ -442,6 +467,20 @@ class MultitaskTrainer:
         scalars["mem/peak_gib"] = peak_memory_gib()
         if not r.applied:
             scalars["train/skipped"] = 1.0
+        if self.cfg.gradients.loss_weighting != "equal":
+            for task, w in r.weights.items():
+                scalars[f"loss_weight/{task}"] = w
+        if r.surgery is not None:
+            for part, seconds in r.surgery.timings.items():
+                scalars[f"grad/time_s/{part}"] = seconds
+            scalars["grad/conflicts"] = float(r.surgery.conflicts)
+            if self.monitor_every and r.step % self.monitor_every == 0 or r.step % self.tcfg.log_every == 0:
+                from megamt.gradients.methods import cosine_matrix
+                from megamt.gradients.monitor import cosine_heatmap, interference_scalars
+
+                scalars.update(interference_scalars(self.task_names, r.surgery.gram, r.surgery.present))
+                self.metrics.writer.add_image("grad/cos_heatmap", cosine_heatmap(
+                    self.task_names, cosine_matrix(r.surgery.gram), r.surgery.present), r.step, dataformats="CHW")
         self.metrics.log_step(r.step, scalars)
 
     def log_eval(self, losses: dict[str, float]) -> None:
@@ -451,7 +490,8 @@ class MultitaskTrainer:
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         rank_state = {"pipeline": self.pipeline.state_dict(), "rng": rng_state(),
-                      "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+                      "balancer": self.balancer.state_dict(),
+                      "surgery": self.surgery.state_dict() if self.surgery is not None else None,
                       "extra": {"consecutive_nonfinite": self.consecutive_nonfinite}}
         files = {"megamt_config.yaml": self.cfg.to_yaml(), "ds_config.json": json_text(self.ds_config),
                  "derived.json": json_text(self.derived())}
@@ -475,8 +515,10 @@ class MultitaskTrainer:
         state = self.checkpoints.load(self.engine, tag)
         self.step = int(state["step"])
         self.pipeline.load_state_dict(state["pipeline"])
-        if self.balancer is not None and state.get("balancer") is not None:
+        if state.get("balancer") is not None:
             self.balancer.load_state_dict(state["balancer"])
+        if self.surgery is not None and state.get("surgery") is not None:
+            self.surgery.load_state_dict(state["surgery"])
         self.consecutive_nonfinite = int((state.get("extra") or {}).get("consecutive_nonfinite", 0))
         set_rng_state(state["rng"])
         if self.rank == 0:

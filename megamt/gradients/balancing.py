@@ -120,10 +120,13 @@ class UncertaintyBalancer(LossBalancer):
     """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018).
 
     Learned log-variances ``s_t``: loss ``sum_t exp(-s_t) L_t + s_t`` (weight 1 at
-    ``s = 0``; the optimum is ``s_t = log L_t``, i.e. weight ``1 / L_t``). ``s`` is a
-    leaf tensor outside the DeepSpeed model: ``engine.backward`` fills ``s.grad`` (scaled
-    by DeepSpeed's 1/GAS like every gradient), ``update`` averages it over the ranks and
-    takes an Adam step.
+    ``s = 0``; the optimum is ``s_t = log L_t``, i.e. weight ``1 / L_t``). ``s`` lives
+    outside the DeepSpeed model. Its gradient has a closed form in the step's global task
+    means, ``d/ds_t = 1 - exp(-s_t) L_t`` (0 for absent tasks), which is identical on every
+    rank, so ``update`` takes an Adam step on it without any communication and whatever
+    scaling the trainer applies to the model's loss. ``combine`` stays differentiable in
+    ``s`` for users who drive the balancer themselves; its autograd gradient equals the
+    closed form for the same means.
     """
 
     name = "uncertainty"
@@ -152,10 +155,10 @@ class UncertaintyBalancer(LossBalancer):
         return (terms.sum() + self.regularizer(present)).to(task_means.device, task_means.dtype)
 
     def update(self, step, task_means, gram=None, present=None):
-        grad = self.log_var.grad
-        if grad is None:
-            grad = torch.zeros_like(self.log_var)
-        grad = _world_mean_(grad.detach().clone())
+        ok = self._present(task_means, present)
+        means = torch.where(ok, task_means.detach().float().cpu(), torch.zeros(self.num_tasks))
+        with torch.no_grad():
+            grad = torch.where(ok, 1.0 - torch.exp(-self.log_var) * means, torch.zeros(self.num_tasks))
         self.log_var.grad = grad
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

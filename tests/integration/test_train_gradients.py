@@ -1,0 +1,86 @@
+"""Gradient methods, loss balancing and interference monitoring wired into the trainer:
+2-rank ZeRO-3 CPU runs through the real `deepspeed` launcher on the demo corpus.
+
+The surgery's arithmetic is held to a single-process reference in test_grad_surgery.py;
+here: the trainer drives it (one task-homogeneous micro-batch per task, write-back before
+the step), the balancer's weights move and are logged, monitoring steps alone pay the
+per-task passes, and every tag lands in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from test_train_deepspeed import TASKS, launch, log_text, records, step_losses
+
+pytestmark = pytest.mark.integration
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from megamt.demo import prepare
+
+    out = tmp_path_factory.mktemp("demo_grad")
+    config = prepare(out, n_train=120, n_val=24, seq_len=128, steps=STEPS)
+    return out, config
+
+
+def _run(demo, name: str, *extra: str):
+    out, config = demo
+    run_dir = out / name
+    proc = launch(config, run_dir, f"train.max_steps={STEPS}", "train.eval_at_start=false", "train.save_every=0",
+                  *extra)
+    rc = proc.wait(timeout=500)
+    assert rc == 0, log_text(run_dir)[-4000:]
+    return run_dir
+
+
+def test_pcgrad_with_uncertainty_weighting(demo):
+    from megamt.metrics_log import read_scalars
+
+    run_dir = _run(demo, "pcgrad", "gradients.method=pcgrad", "gradients.loss_weighting=uncertainty",
+                   "gradients.balancer_lr=0.2")
+    steps = step_losses(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    for r in steps.values():
+        assert math.isfinite(r["train/loss"])
+        # every step measured all six tasks: timings and the conflict count are logged
+        assert "grad/conflicts" in r and r["grad/time_s/allreduce"] >= 0
+    # uncertainty weights start at 1 and move towards 1/L_t (all losses here are > 1)
+    first, last = steps[1], steps[STEPS]
+    for t in TASKS:
+        assert first[f"loss_weight/{t}"] == pytest.approx(1.0)
+        assert last[f"loss_weight/{t}"] < 0.95, (t, last[f"loss_weight/{t}"])
+    assert last["train/loss/sentiment"] < first["train/loss/sentiment"]
+    scalars = read_scalars(run_dir / "tensorboard")
+    for i, a in enumerate(TASKS):  # pairs in task order (the config's)
+        assert f"grad/norm/{a}" in scalars
+        for b in TASKS[i + 1:]:
+            cos = [v for _, v in scalars[f"grad/cos/{a}/{b}"]]
+            assert len(cos) == STEPS and all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in cos)
+    evals = [r for r in records(run_dir) if "eval" in r]
+    assert evals and set(evals[-1]["eval"]) == set(TASKS)
+
+
+def test_monitoring_only_on_measuring_steps(demo):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megamt.metrics_log import read_scalars
+
+    run_dir = _run(demo, "monitor", "gradients.monitor_every=3", "train.log_every=100")
+    steps = step_losses(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    measured = sorted(s for s, r in steps.items() if "grad/conflicts" in r)
+    assert measured == [3, 6]
+    scalars = read_scalars(run_dir / "tensorboard")
+    assert sorted(s for s, _ in scalars["grad/cos/sentiment/nli"]) == [3, 6]
+    acc = EventAccumulator(str(next((run_dir / "tensorboard").glob("events.out.tfevents.*")).parent),
+                           size_guidance={"images": 0})
+    acc.Reload()
+    assert "grad/cos_heatmap" in acc.Tags()["images"]
+    # a measuring step runs one micro-batch per task (6) instead of train.grad_accum (1)
+    assert steps[3]["perf/step_time_s"] > steps[2]["perf/step_time_s"]
