@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -492,6 +493,9 @@ def validate(cfg: MultitaskConfig) -> MultitaskConfig:
             problems.append(f"tasks.{name}: expected a TaskConfig, got {type(task).__name__}")
             continue
         problems += task.problems(f"tasks.{name}")
+    if cfg.model.name_or_path is not None or cfg.model.from_config:
+        # a pure task spec (build-shards) has no model; whatever is given must be right
+        problems += cfg.model.problems("model")
     problems += cfg.data.problems("data")
     problems += cfg.mixture.problems("mixture", names)
     problems += cfg.train.problems("train")
@@ -535,6 +539,9 @@ def load_yaml(path: str | Path) -> Any:
             return yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp) -> str:
@@ -586,6 +593,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-3` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value

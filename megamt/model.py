@@ -58,6 +58,11 @@ def hf_config(model_cfg: ModelConfig):
     """The Hugging Face config of the backbone (from the folder, or built from ``from_config``)."""
     from transformers import AutoConfig
 
+    from megamt.config import ConfigError
+
+    problems = model_cfg.problems("model")
+    if problems:
+        raise ConfigError(problems)
     if model_cfg.name_or_path:
         return AutoConfig.from_pretrained(model_cfg.name_or_path)
     keys = dict(model_cfg.from_config)
