@@ -162,31 +162,6 @@ def _plain_copy(trainer):
     return gather_plain_copy(trainer.engine.module, trainer.cfg)
 
 
-def _make_trainer(cfg):
-    from megamt.heads import count_loss_terms
-    from megamt.model import resolve_family
-    from megamt.trainer import MultitaskTrainer, all_reduce_sum
-
-    if resolve_family(cfg.model) != "encoder":
-        return MultitaskTrainer(None, cfg, resume=False)
-
-    class EncoderCountTrainer(MultitaskTrainer):
-        """Global per-task counts of encoder batches from megamt.heads.count_loss_terms (the
-        loss terms the heads produce; see ARCHITECTURE.md, Encoder heads)."""
-
-        def global_target_counts(self, micro_batches):
-            import torch
-
-            local = torch.zeros(self.num_tasks + 1, dtype=torch.float32)
-            for b in micro_batches:
-                local[:-1] += count_loss_terms(b, self.num_tasks)
-                local[-1] += float((b["task_ids"] >= 0).sum())
-            total = all_reduce_sum(local.to(self.device)).cpu()
-            return total[:-1], int(total[-1])
-
-    return EncoderCountTrainer(None, cfg, resume=False)
-
-
 def run_one(config_path: str, eval_opts: dict) -> int:
     """Train one model, evaluate a plain copy of it, write ``run_summary.json`` (rank 0)."""
     import torch
@@ -196,7 +171,9 @@ def run_one(config_path: str, eval_opts: dict) -> int:
     from megamt.metrics_log import peak_memory_gib
 
     cfg = load_config(config_path)
-    trainer = _make_trainer(cfg)
+    from megamt.trainer import MultitaskTrainer
+
+    trainer = MultitaskTrainer(None, cfg, resume=False)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
     t0 = time.perf_counter()
     summary = trainer.train()
