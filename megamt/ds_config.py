@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megamt.config import MultitaskConfig
 
 TEMPLATES = ("zero3", "zero3_offload", "zero2")
@@ -128,6 +130,12 @@ def resolve_ds_config(template: dict, cfg: MultitaskConfig, world_size: int, *, 
         f.fill("optimizer.params.lr", t.lr, "train.lr", create=True)
         f.fill("optimizer.params.betas", list(t.betas), "train.betas", create=True)
         f.fill("optimizer.params.weight_decay", t.weight_decay, "train.weight_decay", create=True)
+        zero_cfg = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+        if not torch.cuda.is_available() and "offload_optimizer" not in zero_cfg:
+            # CPU ranks: torch's AdamW instead of DeepSpeed's JIT-compiled fused op (minutes of
+            # C++ build on every fresh environment, no speed-up at these sizes); a literal
+            # `torch_adam` in the template wins
+            opt_params.setdefault("torch_adam", True)
 
     if "scheduler" in ds:
         f.fill("scheduler.type", SCHEDULERS[t.lr_schedule], f"train.lr_schedule={t.lr_schedule}")

@@ -79,11 +79,15 @@ def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, task_ids: tor
 def task_cross_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                    task_ids: torch.Tensor, num_tasks: int, *, bias: torch.Tensor | None = None,
                                    fused: bool = True, chunk_tokens: int | None = None,
-                                   ignore_index: int = IGNORE_INDEX) -> TaskLoss:
+                                   ignore_index: int = IGNORE_INDEX,
+                                   grad_scale_hint: torch.Tensor | None = None) -> TaskLoss:
     """Per-task CE of ``hidden @ weight.T (+ bias)`` without materialising all logits when fused.
 
     fused: ``megamt.kernels.fused_linear_task_cross_entropy`` (Triton on GPU, chunked torch on
     CPU). Unfused: full logits, then :func:`task_cross_entropy`.
+    ``grad_scale_hint`` (fused only): the expected upstream gradient on ``loss_sum`` up to one
+    scalar, ``w_t / N_t`` (see :func:`step_loss`); the kernel then computes the gradients in
+    the forward pass (3 matmuls instead of 4) and checks the hint in the backward.
     """
     if fused:
         from megamt.kernels import fused_linear_task_cross_entropy
@@ -91,7 +95,7 @@ def task_cross_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, l
         h = hidden.reshape(-1, hidden.shape[-1])
         loss_sum, count = fused_linear_task_cross_entropy(
             h, weight, labels.reshape(-1), task_ids.reshape(-1), num_tasks, bias=bias,
-            ignore_index=ignore_index, chunk_tokens=chunk_tokens)
+            ignore_index=ignore_index, chunk_tokens=chunk_tokens, grad_scale_hint=grad_scale_hint)
         return TaskLoss(loss_sum.float(), count.float())
     logits = F.linear(hidden, weight, bias)
     return task_cross_entropy(logits, labels, task_ids, num_tasks, ignore_index=ignore_index)

@@ -127,7 +127,8 @@ class MultitaskModel(nn.Module):
             head = self.backbone.get_output_embeddings()
             return task_cross_entropy_from_hidden(
                 hidden, head.weight, batch["labels"], batch["task_ids"], self.num_tasks,
-                bias=getattr(head, "bias", None), fused=True, chunk_tokens=self.config.model.loss_chunk_tokens)
+                bias=getattr(head, "bias", None), fused=True, chunk_tokens=self.config.model.loss_chunk_tokens,
+                grad_scale_hint=batch.get("loss_grad_scale"))
         return task_cross_entropy(self.logits(batch), batch["labels"], batch["task_ids"], self.num_tasks)
 
     def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:

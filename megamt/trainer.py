@@ -369,6 +369,9 @@ class MultitaskTrainer:
                               weights: torch.Tensor) -> TaskLoss:
         """Forward one micro-batch, backward its share of the step objective; returns its TaskLoss."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # the fused loss' upstream gradient is w_t / N_t up to one scalar (step_loss): with it
+        # as a hint the kernel computes the gradients during the forward (3 matmuls, not 4)
+        batch["loss_grad_scale"] = (weights / global_count.clamp_min(1.0)).to(self.device)
         task_loss = self.engine(batch)
         if self.step + 1 in self._fault_steps:
             poison = torch.ones_like(task_loss.loss_sum)
