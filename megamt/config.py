@@ -401,6 +401,10 @@ class EvalConfig:
     """Per task, the metrics to report (empty = every metric of its type; see megamt.eval.metrics)."""
     max_answer_tokens: int = 30
     """Encoder span heads: the longest answer (tokens) considered when decoding QA spans."""
+    during_training: bool = False
+    """Also compute per-task metrics (TensorBoard ``eval/<task>/<metric>``, ``eval.json`` under
+    ``<run_dir>/eval/step_N``) at every validation point of training (``train.eval_every`` and
+    the end). Generation is slow on CPUs: bound it with ``eval.max_examples``."""
 
     def problems(self, key: str, task_names: list[str]) -> list[str]:
         out = []

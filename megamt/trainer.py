@@ -251,7 +251,7 @@ class MultitaskTrainer:
                                      progress_bar=self.tcfg.progress_bar, start_step=self.step)
         self.print_startup()
         if self.step == 0 and self.tcfg.eval_at_start:
-            self.log_eval(self.evaluate_loss())
+            self.validate()
         result = None
         last_saved = self.step
         try:
@@ -265,14 +265,13 @@ class MultitaskTrainer:
                     self.save_checkpoint()
                     return {"step": self.step, "stopped": True}
                 if self.tcfg.eval_every and self.step % self.tcfg.eval_every == 0 and self.step < self.tcfg.max_steps:
-                    self.log_eval(self.evaluate_loss())
+                    self.validate()
                 if self.tcfg.save_every and self.step % self.tcfg.save_every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
             if last_saved != self.step or self.checkpoints.latest_tag() is None:
                 self.save_checkpoint()
-            eval_losses = self.evaluate_loss()
-            self.log_eval(eval_losses)
+            eval_losses = self.validate()
             return {"step": self.step, "stopped": False, "eval_loss": eval_losses,
                     "loss": None if result is None else result.loss}
         finally:
@@ -485,6 +484,30 @@ class MultitaskTrainer:
                 self.metrics.writer.add_image("grad/cos_heatmap", cosine_heatmap(
                     self.task_names, cosine_matrix(r.surgery.gram), r.surgery.present), r.step, dataformats="CHW")
         self.metrics.log_step(r.step, scalars)
+
+    def validate(self) -> dict[str, float]:
+        """Per-task validation loss, and per-task metrics when ``eval.during_training``."""
+        losses = self.evaluate_loss()
+        self.log_eval(losses)
+        if self.cfg.eval.during_training:
+            self.evaluate_metrics()
+        return losses
+
+    def evaluate_metrics(self) -> dict[str, Any]:
+        """megamt.eval on a plain copy of the weights (gathered from the ZeRO-3 partitions, a
+        collective), examples split over the ranks; ``eval/<task>/<metric>`` from rank 0."""
+        from megamt.eval.api import evaluate, gather_plain_copy
+        from megamt.eval.report import log_eval
+
+        plain = gather_plain_copy(self.engine.module, self.cfg)
+        results = evaluate(plain, config=self.cfg, out_dir=self.run_dir / "eval" / f"step_{self.step:08d}",
+                           progress=False)
+        if self.rank == 0:
+            log_eval(self.metrics.writer, self.step, results)
+            self.metrics.print(f"eval metrics step {self.step}: " + "  ".join(
+                f"{t}/{m}={v:.2f}" for t, r in results["tasks"].items() for m, v in r["metrics"].items()))
+        self.engine.train()
+        return results
 
     def log_eval(self, losses: dict[str, float]) -> None:
         if self.metrics is not None:

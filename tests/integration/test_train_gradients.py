@@ -1,4 +1,5 @@
-"""Gradient methods, loss balancing and interference monitoring wired into the trainer:
+"""Gradient methods, loss balancing, interference monitoring (and metrics during training)
+wired into the trainer:
 2-rank ZeRO-3 CPU runs through the real `deepspeed` launcher on the demo corpus.
 
 The surgery's arithmetic is held to a single-process reference in test_grad_surgery.py;
@@ -71,7 +72,9 @@ def test_monitoring_only_on_measuring_steps(demo):
 
     from megamt.metrics_log import read_scalars
 
-    run_dir = _run(demo, "monitor", "gradients.monitor_every=3", "train.log_every=100")
+    # the same run also computes per-task metrics at its validation point (eval.during_training)
+    run_dir = _run(demo, "monitor", "gradients.monitor_every=3", "train.log_every=100", "eval.during_training=true",
+                   "eval.max_examples=4", "eval.max_new_tokens=8")
     steps = step_losses(run_dir)
     assert sorted(steps) == list(range(1, STEPS + 1))
     measured = sorted(s for s, r in steps.items() if "grad/conflicts" in r)
@@ -82,5 +85,9 @@ def test_monitoring_only_on_measuring_steps(demo):
                            size_guidance={"images": 0})
     acc.Reload()
     assert "grad/cos_heatmap" in acc.Tags()["images"]
+    for task in TASKS:  # eval/<task>/<metric> at the end of training, from megamt.eval
+        tags = [t for t in scalars if t.startswith(f"eval/{task}/")]
+        assert tags and all(scalars[t][-1][0] == STEPS for t in tags), (task, tags)
+    assert (run_dir / "eval" / f"step_{STEPS:08d}" / "eval.json").is_file()
     # a measuring step runs one micro-batch per task (6) instead of train.grad_accum (1)
     assert steps[3]["perf/step_time_s"] > steps[2]["perf/step_time_s"]
