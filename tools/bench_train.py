@@ -219,9 +219,11 @@ def worker(side: str, args) -> None:
     else:
         from trl import SFTConfig, SFTTrainer
 
-        # TRL turns activation checkpointing on by default; megamt and the Trainer run without it
+        # TRL turns activation checkpointing and bf16 on by default; megamt and the Trainer run
+        # without checkpointing, in fp32 on CPUs (bf16 matmuls are emulated there: ~10x slower)
         targs = SFTConfig(per_device_train_batch_size=args.rows, packing=True, max_length=args.seq_len,
-                          dataset_num_proc=None, gradient_checkpointing=False, **common)
+                          dataset_num_proc=None, gradient_checkpointing=False,
+                          bf16=torch.cuda.is_available(), **common)
         trainer = SFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Times()])
         meter = _Meter(trainer.data_collator)
         trainer.data_collator = meter
