@@ -324,8 +324,9 @@ class TorchRowOps:
         m.copy_(m_new)
 
     @staticmethod
-    def finalize(m, s, target_logit, row_sum, tasks, loss_sum, count, n_classes, label_smoothing, z_loss):
-        lse = m + torch.log(s)
+    def accumulate_loss_(lse, target_logit, row_sum, tasks, loss_sum, count, n_classes, label_smoothing, z_loss):
+        """Per-token loss from its log-sum-exp, added into its task's ``loss_sum`` and ``count``:
+        ``lse - (1-eps) x_y - (eps/V) sum_j x_j + z lse^2``."""
         loss = lse - (1.0 - label_smoothing) * target_logit
         if label_smoothing > 0:
             loss -= (label_smoothing / n_classes) * row_sum
@@ -333,6 +334,12 @@ class TorchRowOps:
             loss += z_loss * lse.square()
         loss_sum.index_add_(0, tasks, loss)
         count.add_(torch.bincount(tasks, minlength=count.numel()).to(count.dtype))
+
+    @staticmethod
+    def finalize(m, s, target_logit, row_sum, tasks, loss_sum, count, n_classes, label_smoothing, z_loss):
+        lse = m + torch.log(s)
+        TorchRowOps.accumulate_loss_(lse, target_logit, row_sum, tasks, loss_sum, count, n_classes, label_smoothing,
+                                     z_loss)
         return lse
 
     @staticmethod
@@ -362,13 +369,8 @@ class TorchRowOps:
         m = x.amax(1)
         s = x.sub_(m.unsqueeze(1)).exp_().sum(1)  # x now holds e_ij = exp(x_ij - m_i)
         lse = m + torch.log(s)
-        loss = lse - (1.0 - label_smoothing) * target_logit
-        if label_smoothing > 0:
-            loss -= (label_smoothing / n_classes) * row_sum
-        if z_loss > 0:
-            loss += z_loss * lse.square()
-        loss_sum.index_add_(0, tasks, loss)
-        count.add_(torch.bincount(tasks, minlength=count.numel()).to(count.dtype))
+        TorchRowOps.accumulate_loss_(lse, target_logit, row_sum, tasks, loss_sum, count, n_classes, label_smoothing,
+                                     z_loss)
         lse_out.copy_(lse)
         p_coef = scale * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else scale
         x.mul_((p_coef / s).unsqueeze(1))  # c_i (1 + 2z lse_i) p_ij
