@@ -27,6 +27,16 @@ from pathlib import Path
 import numpy as np
 
 
+
+def packed_rows(packer, items):
+    """Every row the packer emits for ``items``: while feeding them, then while draining it."""
+    for it in items:
+        packer.add(it)
+        if packer.full:
+            yield packer.pop_row()
+    while len(packer):
+        yield packer.pop_row()
+
 def main(argv=None) -> int:
     repo = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -121,17 +131,8 @@ def main(argv=None) -> int:
         rows, batches = [], 0
         nonpad = 0
         t0 = time.perf_counter()
-        for it in order:
-            packer.add(it)
-            if packer.full:
-                rows.append(packer.pop_row())
-                if len(rows) == B:
-                    b = collate_rows(rows, L, 0)
-                    nonpad += int((b["segment_ids"] >= 0).sum())
-                    batches += 1
-                    rows = []
-        while len(packer):
-            rows.append(packer.pop_row())
+        for row in packed_rows(packer, order):
+            rows.append(row)
             if len(rows) == B:
                 b = collate_rows(rows, L, 0)
                 nonpad += int((b["segment_ids"] >= 0).sum())
