@@ -328,9 +328,10 @@ class GradientConfig:
 
     method: str = "none"
     """none | sum | pcgrad | cagrad | mgda | aligned_mtl | gradvac. Anything but none runs
-    one task-homogeneous micro-batch per task in each optimizer step."""
+    one task-homogeneous micro-batch per task in each optimizer step (any ZeRO stage 1-3)."""
     loss_weighting: str = "equal"
-    """equal | static | uncertainty | dwa | gradnorm | famo."""
+    """equal | static | uncertainty | dwa | gradnorm | famo. GradNorm takes its per-task
+    gradient norms from G where a step measures it, else from the shared hidden states."""
     static_weights: dict[str, float] = field(default_factory=dict)
     """static: task -> loss weight (tasks not listed: 1)."""
     monitor_every: int = 0

@@ -114,12 +114,15 @@ class MultitaskModel(nn.Module):
             self.backbone = apply_lora(self.backbone, mcfg.lora)
         if mcfg.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.rep_grad_norms = None  # megamt.gradients.representation, see track_representation_grad_norms
         self.fused_loss = bool(mcfg.fused_loss) and self.family == "causal_lm" and _kernels_available()
         if self.fused_loss:
             self._register_head_as_external_parameter()
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Any]) -> TaskLoss:
+        if self.rep_grad_norms is not None:
+            self.rep_grad_norms.set_task_ids(batch["task_ids"])
         if self.family == "encoder":
             return self.backbone(batch)
         if self.fused_loss:
@@ -130,6 +133,17 @@ class MultitaskModel(nn.Module):
                 bias=getattr(head, "bias", None), fused=True, chunk_tokens=self.config.model.loss_chunk_tokens,
                 grad_scale_hint=batch.get("loss_grad_scale"))
         return task_cross_entropy(self.logits(batch), batch["labels"], batch["task_ids"], self.num_tasks)
+
+    def shared_trunk(self) -> torch.nn.Module:
+        """The module whose output is the last representation every task shares: the
+        decoder (causal LMs, before the LM head) or the encoder (before the task heads)."""
+        return self.backbone.backbone if self.family == "encoder" else self.backbone.get_decoder()
+
+    def track_representation_grad_norms(self, collector) -> None:
+        """Have ``collector`` (``RepresentationGradNorms``) see every forward's trunk output
+        with the batch's ``task_ids``: per-task gradient norms from the one mixed backward."""
+        collector.attach(self.shared_trunk())
+        self.rep_grad_norms = collector
 
     def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:
         """Last hidden states ``[B, L, H]`` of the decoder (no LM head)."""

@@ -73,6 +73,8 @@ class StepResult:
     """The balancer's per-task loss weights used in this step."""
     surgery: Any = None
     """megamt.gradients.SurgeryStats when this step measured per-task gradients, else None."""
+    rep_grad_norms: dict[str, float] | None = None
+    """GradNorm without G: per-task gradient norms at the shared representation."""
 
 
 # --------------------------------------------------------------------------- distributed
@@ -187,6 +189,15 @@ class MultitaskTrainer:
             self.surgery = GradientSurgery(self.engine, config.gradients, self.task_names,
                                            method=None if self.gradient_method_mode else "none",
                                            scale_wrt_gas=False)
+        # GradNorm on steps that do not measure G: per-task gradient norms at the shared
+        # representation, from the one mixed backward (megamt.gradients.representation)
+        self.rep_grad_norms = None
+        if (self.balancer.needs_grad_norms and not self.gradient_method_mode
+                and hasattr(self.model, "track_representation_grad_norms")):
+            from megamt.gradients.representation import RepresentationGradNorms
+
+            self.rep_grad_norms = RepresentationGradNorms(self.num_tasks)
+            self.model.track_representation_grad_norms(self.rep_grad_norms)
         self.metrics: MetricsLogger | None = None
 
     # ----------------------------------------------------------------- building
@@ -290,11 +301,15 @@ class MultitaskTrainer:
         stats = None
         if measure:
             self.surgery.begin_step()
+        if self.rep_grad_norms is not None:
+            self.rep_grad_norms.enabled = not measure  # a measuring step has G
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # the boundary is set explicitly: a measuring step has one micro-batch per task,
             # the others train.grad_accum (step_loss scales by DeepSpeed's GAS either way)
             self.engine.set_gradient_accumulation_boundary(last)
+            if measure:
+                self.surgery.before_backward()  # ZeRO-1/2: each task's backward is reduced on its own
             task_loss = self.forward_backward_step(batch, global_count, weights)
             loss_sum += task_loss.loss_sum.detach().float().cpu()
             if measure:
@@ -310,8 +325,9 @@ class MultitaskTrainer:
         means = task_means(loss_sum, global_count)
         present = global_count > 0
         loss = float((weights * means)[present].sum())
+        rep = self.rep_grad_norms.take(self.world_size) if self.rep_grad_norms is not None and not measure else None
         self.balancer.update(self.step + 1, torch.where(present, means, torch.full_like(means, float("nan"))),
-                             gram=None if stats is None else stats.gram, present=present)
+                             gram=None if stats is None else stats.gram, present=present, grad_norms=rep)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = None if grad_norm is None else float(grad_norm)
         applied = self.engine.was_step_applied()
@@ -325,7 +341,9 @@ class MultitaskTrainer:
             tokens=tokens, grad_norm=grad_norm, lr=float(self.engine.get_lr()[0]),
             step_time_s=time.perf_counter() - t0, applied=applied and not nonfinite, nonfinite_tasks=nonfinite,
             stop_requested=stop, weights={t: float(weights[i]) for i, t in enumerate(self.task_names)
-                                          if t in self.train_tasks}, surgery=stats)
+                                          if t in self.train_tasks}, surgery=stats,
+            rep_grad_norms=None if rep is None else {t: float(rep[i]) for i, t in enumerate(self.task_names)
+                                                     if present[i]})
 
     def measures_task_gradients(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) runs per-task backward passes."""
@@ -472,6 +490,8 @@ class MultitaskTrainer:
         if self.cfg.gradients.loss_weighting != "equal":
             for task, w in r.weights.items():
                 scalars[f"loss_weight/{task}"] = w
+        for task, n in (r.rep_grad_norms or {}).items():
+            scalars[f"grad/rep_norm/{task}"] = n
         if r.surgery is not None:
             for part, seconds in r.surgery.timings.items():
                 scalars[f"grad/time_s/{part}"] = seconds

@@ -1,7 +1,7 @@
 """Benchmark of gradient surgery: per-optimizer-step cost of each method vs plain training.
 
-CPU part (runs anywhere): launches ``deepspeed --num_gpus 2`` on this script (ZeRO-3,
-2 ranks, gloo) with a tiny Llama and, for T = 2, 4, 8 tasks, times per optimizer step:
+CPU part (runs anywhere): launches ``deepspeed --num_gpus 2`` on this script (ZeRO-3 or,
+with ``--stage 1|2``, ZeRO-1/2; 2 ranks, gloo) with a tiny Llama and, for T = 2, 4, 8 tasks, times per optimizer step:
 
 - ``plain_1mb``: plain training, one mixed micro-batch of T x MB rows (GAS = 1);
 - ``plain_gasT``: plain training, T micro-batches of MB rows (GAS = T), no surgery;
@@ -13,7 +13,7 @@ CPU part (runs anywhere): launches ``deepspeed --num_gpus 2`` on this script (Ze
 GPU part (CUDA only, else prints ``skipped: no CUDA``): Triton Gram and combine kernels
 vs the measured device-to-device copy bandwidth, T up to 16, 1e8 to 1e9 elements.
 
-Usage: ``python tools/bench_gradients.py [--steps 3] [--tasks 2 4 8]``. The last line
+Usage: ``python tools/bench_gradients.py [--steps 3] [--tasks 2 4 8] [--stage 3]``. The last line
 printed is one JSON object with every number.
 """
 
@@ -57,11 +57,11 @@ def _worker(args) -> None:
         cfg = AutoConfig.for_model(**MODEL)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
         ds = {"train_micro_batch_size_per_gpu": rows, "gradient_accumulation_steps": gas,
-              "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
+              "zero_optimization": {"stage": args.stage, "overlap_comm": True, "contiguous_gradients": True},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
               "gradient_clipping": 1.0, "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-        return engine, sum(p.ds_numel for p in model.parameters())
+        return engine, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     def batch(task, step, rows):
         gen = torch.Generator().manual_seed(10_000 * step + 100 * task + rank)
@@ -99,6 +99,8 @@ def _worker(args) -> None:
                 for t in range(T):
                     t0 = time.perf_counter()
                     loss = engine(**batch(t, step, MB)).loss
+                    if surgery:
+                        surgery.before_backward()  # ZeRO-1/2: one reduction per task
                     engine.backward(loss)
                     rec["fwd_bwd"] += time.perf_counter() - t0
                     if surgery:
@@ -205,6 +207,7 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help="measured optimizer steps per variant (after 1 warm-up)")
     ap.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--stage", type=int, choices=[1, 2, 3], default=3, help="DeepSpeed ZeRO stage of the CPU part")
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU kernel part")
     ap.add_argument("--gpu-max-elems", type=float, default=1e9)
     args = ap.parse_args()
@@ -217,7 +220,7 @@ def main():
             out = Path(tmp) / "cpu.json"
             launcher = Path(sys.executable).with_name("deepspeed")
             cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(29500 + random.randrange(2000)),
-                   __file__, "--worker", "--out", str(out), "--steps", str(args.steps), "--tasks",
+                   __file__, "--worker", "--out", str(out), "--steps", str(args.steps), "--stage", str(args.stage), "--tasks",
                    *map(str, args.tasks)]
             env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
             t0 = time.perf_counter()
@@ -225,9 +228,10 @@ def main():
             if proc.returncode != 0 or not out.exists():
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
                 raise SystemExit(f"the 2-rank CPU benchmark failed (exit {proc.returncode})")
-            report["cpu_zero3_2ranks"] = json.loads(out.read_text())
+            key = f"cpu_zero{args.stage}_2ranks"
+            report[key] = json.loads(out.read_text())
             report["cpu_wall_s"] = round(time.perf_counter() - t0, 1)
-            for T, res in report["cpu_zero3_2ranks"]["results"].items():
+            for T, res in report[key]["results"].items():
                 for name, r in res.items():
                     print(f"{T:5s} {name:12s} " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     report["gpu"] = gpu_bench(args.gpu_max_elems)

@@ -3,7 +3,9 @@
 - ``methods``: Gram matrix -> combination coefficients (PCGrad, CAGrad, MGDA, Aligned-MTL,
   GradVac, sum), plus naive vector references.
 - ``balancing``: per-task loss weights (equal, static, uncertainty, DWA, GradNorm, FAMO).
-- ``surgery``: per-task gradient partitions under DeepSpeed ZeRO, one all-reduce of G.
+- ``surgery``: per-task gradient partitions under DeepSpeed ZeRO-1/2/3, one all-reduce of G.
+- ``representation``: per-task gradient norms at the shared hidden states from one mixed
+  backward (GradNorm on steps without G).
 - ``monitor``: cosine matrix and norms to TensorBoard.
 """
 

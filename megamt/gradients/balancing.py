@@ -82,9 +82,15 @@ class LossBalancer:
         w = self.current_weights().detach().float().cpu()
         return {t: float(w[i]) for i, t in enumerate(self.task_names)}
 
+    needs_grad_norms = False
+    """Whether ``update`` wants per-task gradient norms on steps without ``G`` (GradNorm):
+    the trainer then collects them at the shared representation
+    (``megamt.gradients.representation``)."""
+
     def update(self, step: int, task_means: Tensor, gram: Optional[Tensor] = None,
-               present: Optional[Tensor] = None) -> None:
-        """After ``engine.step()``: learn from the step's global task means (and ``G``)."""
+               present: Optional[Tensor] = None, grad_norms: Optional[Tensor] = None) -> None:
+        """After ``engine.step()``: learn from the step's global task means (and ``G``, or
+        per-task gradient norms ``grad_norms`` where ``G`` was not measured)."""
 
     @staticmethod
     def _present(task_means: Tensor, present: Optional[Tensor]) -> Tensor:
@@ -154,7 +160,7 @@ class UncertaintyBalancer(LossBalancer):
         terms = torch.where(present, w * safe, torch.zeros(self.num_tasks))
         return (terms.sum() + self.regularizer(present)).to(task_means.device, task_means.dtype)
 
-    def update(self, step, task_means, gram=None, present=None):
+    def update(self, step, task_means, gram=None, present=None, grad_norms=None):
         ok = self._present(task_means, present)
         means = torch.where(ok, task_means.detach().float().cpu(), torch.zeros(self.num_tasks))
         with torch.no_grad():
@@ -193,7 +199,7 @@ class DWABalancer(LossBalancer):
         self.cnt = torch.zeros(self.num_tasks, dtype=torch.float64)
         self.history: list[Tensor] = []  # period averages (NaN = no loss), last two kept
 
-    def update(self, step, task_means, gram=None, present=None):
+    def update(self, step, task_means, gram=None, present=None, grad_norms=None):
         ok = self._present(task_means, present)
         means = task_means.detach().double().cpu()
         self.acc[ok] += means[ok]
@@ -230,11 +236,15 @@ class GradNormBalancer(LossBalancer):
     loss ``sum_t |n_t - mean(n) r_t^alpha|`` (target held constant, as in the paper) has
     the gradient ``sign(n_t - target_t) n_t / w_t`` in ``w_t``; it is averaged over the
     ranks, Adam steps, then ``w`` is clamped positive and renormalised to sum to ``T``.
-    Without ``G`` in a step (no per-task gradients measured) the weights stay: run
-    gradient-method mode or ``gradients.monitor_every=1``. Under ZeRO-3 the "shared last
-    layer" variant would need a second backward through one forward, which ZeRO-3
-    does not support.
+    On steps without ``G`` (plain training, no per-task backward passes) ``n_t`` comes
+    from ``grad_norms``: the norms of each task's gradient at the last shared hidden states,
+    collected from the one mixed backward (``megamt.gradients.representation``; the
+    classic per-task gradient of the last shared layer's weights would need a second
+    backward through one forward, which ZeRO-3 does not support). Without either, the
+    weights stay.
     """
+
+    needs_grad_norms = True
 
     name = "gradnorm"
 
@@ -246,18 +256,20 @@ class GradNormBalancer(LossBalancer):
         self.initial = torch.full((self.num_tasks,), math.nan, dtype=torch.float64)
         self.w = self.param.detach().clone()
 
-    def update(self, step, task_means, gram=None, present=None):
+    def update(self, step, task_means, gram=None, present=None, grad_norms=None):
         ok = self._present(task_means, present)
         means = task_means.detach().double().cpu()
         first = ok & torch.isnan(self.initial)
         self.initial[first] = means[first]
-        if gram is None:
+        if gram is not None:
+            n = gram.detach().double().cpu().diagonal().clamp_min(0).sqrt()
+        elif grad_norms is not None:
+            n = grad_norms.detach().double().cpu()
+        else:
             return
-        G = gram.detach().double().cpu()
-        ok &= G.diagonal() > 0
+        ok &= n > 0
         if ok.sum() < 2:
             return
-        n = G.diagonal().clamp_min(0).sqrt()
         ratio = means / self.initial
         r = ratio / ratio[ok].mean()
         target = n[ok].mean() * r.pow(self.alpha)
@@ -306,7 +318,7 @@ class FAMOBalancer(LossBalancer):
         self.opt = torch.optim.Adam([self.logits], lr=lr, weight_decay=gamma)
         self.prev = torch.full((self.num_tasks,), math.nan, dtype=torch.float64)
 
-    def update(self, step, task_means, gram=None, present=None):
+    def update(self, step, task_means, gram=None, present=None, grad_norms=None):
         ok = self._present(task_means, present) & (task_means.detach().cpu() > 0)
         cur = task_means.detach().double().cpu()
         both = ok & torch.isfinite(self.prev)

@@ -1,55 +1,60 @@
-"""Gradient surgery on DeepSpeed ZeRO-3 gradient partitions.
+"""Gradient surgery on DeepSpeed ZeRO gradient partitions (stages 1, 2 and 3).
 
-No device holds a full gradient under ZeRO-3, let alone one per task. Each rank holds
-the averaged gradient *partition* of every parameter, and that is enough:
+No device holds a full gradient under ZeRO-3, let alone one per task; under ZeRO-1/2 the
+gradient is partitioned too. Each rank holds the averaged gradient *partition* of its share
+of the parameters, and that is enough:
 
 1. One task-homogeneous micro-batch per task inside one accumulation window; after
-   each task's ``engine.backward()`` we copy the rank's running-sum partition
-   (``deepspeed.utils.safe_get_local_grad``; the reduce-scatter has added this
-   task's contribution) into row ``k`` of a flat ``[T, n_local]`` fp32 buffer.
-2. ``finish()``: rows become per-task partitions by differencing consecutive
-   snapshots in place (``row_k -= row_{k-1}``, last to first; DeepSpeed copies, not
-   adds, on the first micro-step of a window, so row 0 is task 0's partition already).
-   The local Gram matrix (``megamt.kernels.task_gram``) over disjoint partitions sums
-   to the global one: ONE all-reduce of ``T x T`` numbers. Every rank computes the
-   same coefficients from it (``methods.py``), forms its combined partition
-   ``sum_j c_j g_j`` locally (``task_combine``) and writes it back with
-   ``safe_set_local_grad`` before ``engine.step()``.
+   each task's ``engine.backward()`` the rank's partition is copied into row ``k`` of a
+   flat ``[T, n_local]`` fp32 buffer.
+2. ``finish()``: the rows are per-task partitions (see below). The local Gram matrix
+   (``megamt.kernels.task_gram``) over disjoint partitions sums to the global one: ONE
+   all-reduce of ``T x T`` numbers. Every rank computes the same coefficients from it
+   (``methods.py``), forms its combined partition ``sum_j c_j g_j`` locally
+   (``task_combine``) and writes it back before ``engine.step()``.
+
+How the per-task partitions are read depends on the stage (checked in deepspeed 0.19.8
+source, ``utils/tensor_fragment.py``, ``runtime/zero/stage3.py``, ``stage_1_and_2.py``, and
+held to a single-process reference on 2 CPU ranks in tests/integration/test_grad_surgery.py):
+
+- ZeRO-3: the reduce-scatter runs after every backward and adds into the partition, so
+  each snapshot is a running sum (``deepspeed.utils.safe_get_local_grad``); ``finish()``
+  differences consecutive rows in place (``row_k -= row_{k-1}``, last to first; DeepSpeed
+  copies, not adds, on the first micro-step of a window, so row 0 is task 0's already).
+  Write-back: ``safe_set_local_grad`` (or one copy into ``grad_partitions_flat_buffer``
+  when the partitions tile it). With CPU offload (``offload_optimizer``) the mid-window
+  snapshots read the partition buffer that accumulates every backward
+  (``__param_id_to_grad_partition``, private), since the optimizer's fp32 ``.grad`` is
+  filled only at the boundary; write-back goes to both.
+- ZeRO-1/2: ZeRO-1 reduces only at the accumulation boundary and ZeRO-2 keeps fp32
+  accumulation state whose layout depends on the mode (contiguous, compact bf16
+  accumulation, offload). So on a measured step every task's backward is made an
+  accumulation boundary (``engine.set_gradient_accumulation_boundary(True)``:
+  ``before_backward()``): DeepSpeed reduces it to the owning rank, where the partition
+  is read through the parameter's ``_hp_mapping`` fragment (the storage
+  ``safe_get_full_grad``/``safe_set_full_grad`` use, without their full all-reduce), then
+  zeroed (and, with CPU offload, the CPU accumulation buffer of the window too), so the
+  next task's read is that task alone; the boundary is turned off again so the
+  intervening ``engine.step()`` does not update the weights. ``finish()`` writes the
+  combined partition into the fragments (also for ``sum``/``none``: they were zeroed),
+  refreshes the per-parameter norm the CPU-offload clipping reads, and sets the boundary
+  for the real ``engine.step()``. Cost: one reduce per task, which ZeRO-2 pays anyway
+  (it reduces every micro-step) and ZeRO-1 pays T times instead of once.
+- ZeRO-0 (no partitions), fp16 with dynamic loss scaling (partitions carry the loss
+  scale until the step) and NVMe offload are refused with a named error.
 
 Scaling. ``engine.backward(loss)`` divides the loss by ``gradient_accumulation_steps``
-(``scale_wrt_gas=True``, the default) and ZeRO-3 averages over the data-parallel ranks,
-so a snapshot difference is ``g_t = mean_ranks(grad L_t) / GAS``. The Gram matrix,
+(``scale_wrt_gas=True``, the default) and ZeRO averages over the data-parallel ranks,
+so a per-task partition is ``g_t = mean_ranks(grad L_t) / GAS``. The Gram matrix,
 cosines and norms in :class:`SurgeryStats` are reported for ``grad L_t`` (multiplied
 back by GAS), i.e. in units of each task's (balancer-weighted) loss. The coefficients
 are scale-invariant and are applied to the DeepSpeed-scaled ``g_t``: the written
 gradient is ``sum_j c_j g_j = (1/GAS) sum_j c_j grad L_j``. With ``method=sum``
-(``c = 1``) that is exactly what DeepSpeed accumulated, the sum of per-task gradients
-in DeepSpeed's units, so nothing is written back (measure-only); any method whose
-coefficients are all ones (PCGrad/GradVac without conflicts) leaves the step unchanged.
+(``c = 1``) that is exactly what DeepSpeed accumulates, the sum of per-task gradients
+in DeepSpeed's units; under ZeRO-3 nothing is written back then (measure-only).
 
 Memory: ``T * n_local`` fp32 (``n_local = params / world_size``), e.g. 4 tasks on a
 7B model over 8 ranks = 4 * 0.875e9 * 4 B = 14 GB per rank. It is allocated once.
-
-DeepSpeed support (checked in deepspeed 0.19.8 source, ``utils/tensor_fragment.py``,
-``runtime/zero/stage3.py``):
-- ZeRO-3: ``safe_get_local_grad`` returns the rank's fp32 partition of the running
-  sum (for a non-offloaded optimizer it is a view of ``grad_partitions_flat_buffer``);
-  ``safe_set_local_grad`` copies into the same storage, which the optimizer step and
-  the gradient-norm/clipping computation read. Tested on 2 CPU ranks
-  (tests/integration/test_grad_surgery.py).
-- ZeRO-3 + CPU offload (``offload_optimizer``): ``safe_get_local_grad`` reads the
-  optimizer's fp32 ``.grad``, which DeepSpeed fills only at the accumulation boundary,
-  so mid-window snapshots read the partition buffer that accumulates every backward
-  (``__param_id_to_grad_partition``, private). Write-back goes through
-  ``safe_set_local_grad`` (it also refreshes the per-param norm used for clipping) and
-  into the partition buffer, so a boundary copy after ``finish()`` (unmanaged
-  accumulation) copies the combined gradient. NVMe offload is refused.
-- ZeRO-0/1/2: DeepSpeed's local-gradient API is ZeRO-3 only (``assert hasattr(param,
-  'ds_id')``); ZeRO-1/2 keep per-micro-step state in ``_hp_mapping`` fragments and
-  compact partition buffers whose contents depend on the offload/bucketing mode. Not
-  supported: the constructor raises and says so.
-- fp16 with dynamic loss scaling is refused (partitions carry the loss scale until
-  the step); bf16/fp32 are fine (snapshots are fp32).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ class SurgeryStats:
     coeffs: Tensor  # c_j of the applied combination (in DeepSpeed's scale); 0 for absent tasks
     conflicts: int  # pairs of present tasks with negative cosine
     method: str
-    applied: bool  # whether the combined gradient was written back
+    applied: bool  # whether the method changed the gradient (coefficients not all 1)
     timings: dict[str, float] = field(default_factory=dict)
     """seconds: snapshot (sum over the window's backwards), gram, allreduce, method, combine (incl. write-back)."""
     buffer_bytes: int = 0
@@ -93,6 +98,10 @@ class GradientSurgery:
     only (for ``gradients.monitor_every``). ``scale_wrt_gas`` must match the trainer's
     ``engine.backward(loss, scale_wrt_gas=...)``. ``backend``: kernels' backend
     (default ``gcfg.grad_backend``).
+
+    Per window: ``begin_step()``; per task ``before_backward()``, ``engine.backward``,
+    ``after_backward(task)``, ``engine.step()`` except after the last; ``finish()``; the
+    last ``engine.step()``. ``before_backward`` matters under ZeRO-1/2 only.
     """
 
     def __init__(self, engine, gcfg, task_names: Sequence[str], *, method: Optional[str] = None,
@@ -109,28 +118,36 @@ class GradientSurgery:
         self.backend = backend or getattr(gcfg, "grad_backend", "auto")
         self.flat_fast_path = flat_fast_path
 
-        stage = engine.zero_optimization_stage()
-        if stage != 3:
+        self.stage = int(engine.zero_optimization_stage())
+        if self.stage not in (1, 2, 3):
             raise NotImplementedError(
-                f"gradient surgery needs DeepSpeed ZeRO stage 3 (got stage {stage}): DeepSpeed's local-gradient "
-                "API (safe_get_local_grad/safe_set_local_grad) is ZeRO-3 only. Use a zero3 ds_config, or "
-                "gradients.method=none")
+                f"gradient surgery needs a DeepSpeed ZeRO stage 1, 2 or 3 config (got stage {self.stage}): the "
+                "per-task gradients are kept as this rank's gradient partitions. Use ds_configs/zero3.json or "
+                "zero2.json, or gradients.method=none")
         if engine.fp16_enabled():
             raise NotImplementedError("gradient surgery with fp16 loss scaling is not supported; use bf16 or fp32")
         offload = engine.zero_offload_optimizer()
-        self.offload = offload is not None and str(getattr(offload, "device", "none")).endswith("cpu")
-        if offload is not None and str(getattr(offload, "device", "none")).endswith("nvme"):
-            raise NotImplementedError("gradient surgery with NVMe optimizer offload is not supported")
+        device = str(getattr(offload, "device", "none")) if offload is not None else "none"
+        if device.endswith("nvme"):
+            raise NotImplementedError("gradient surgery with NVMe optimizer offload is not supported; "
+                                      "use offload_optimizer.device=cpu or none")
+        self.offload = device.endswith("cpu")
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("gradient surgery: the model has no trainable parameter")
-        if not all(hasattr(p, "ds_id") for p in self.params):
+        # ZeRO-1/2: reduce every task's backward on its own (see the module docstring)
+        self.reduce_each_backward = self.stage in (1, 2)
+        if self.stage == 3 and not all(hasattr(p, "ds_id") for p in self.params):
             raise RuntimeError("gradient surgery: parameters are not ZeRO-3 partitioned (no ds_id); "
                                "build it after deepspeed.initialize")
+        if self.reduce_each_backward and not all(hasattr(p, "_hp_mapping") for p in self.params):
+            raise RuntimeError(f"gradient surgery: ZeRO-{self.stage} parameters have no optimizer fragment mapping "
+                               "(_hp_mapping); build it after deepspeed.initialize")
         self.group = getattr(engine.optimizer, "dp_process_group", None)
         self.buffer: Optional[Tensor] = None  # [T, n_local] fp32
+        self.sizes: list[int] = []
         self.offsets: list[tuple[int, int]] = []
-        self.flat: Optional[Tensor] = None  # the optimizer's own flat gradient partition, when contiguous
+        self.flat: Optional[Tensor] = None  # ZeRO-3: the optimizer's own flat gradient partition, when contiguous
         self.rows: list[int] = []  # task index of each filled row, in backward order
         self.snapshot_s = 0.0
 
@@ -141,8 +158,14 @@ class GradientSurgery:
         self.rows = []
         self.snapshot_s = 0.0
 
+    def before_backward(self) -> None:
+        """Call before each task's ``engine.backward`` (after setting the trainer's own
+        boundary): under ZeRO-1/2 every task's backward is an accumulation boundary."""
+        if self.reduce_each_backward:
+            self.engine.set_gradient_accumulation_boundary(True)
+
     def after_backward(self, task_index: int) -> None:
-        """Snapshot the running-sum partitions right after task ``task_index``'s backward."""
+        """Snapshot the rank's partition right after task ``task_index``'s backward."""
         if not 0 <= task_index < self.num_tasks:
             raise IndexError(f"after_backward: task index {task_index} out of range for tasks {self.task_names}")
         if task_index in self.rows:
@@ -153,12 +176,20 @@ class GradientSurgery:
         parts = self._local_parts()
         if self.buffer is None:
             self._allocate(parts)
+        else:
+            self._check_layout(parts)
         row = self.buffer[len(self.rows)]
-        if self.flat is not None:
-            row.copy_(self.flat)
+        flat = self.flat if self.stage == 3 else (self._contiguous_flat(parts) if self.flat_fast_path else None)
+        if flat is not None:
+            row.copy_(flat)
         else:
             for (a, b), part in zip(self.offsets, parts):
                 row[a:b].copy_(part.reshape(-1))
+        if self.reduce_each_backward:
+            # the next task's backward must find empty partitions; the engine.step() that the
+            # caller runs before it must not update the weights
+            self._zero12(parts)
+            self.engine.set_gradient_accumulation_boundary(False)
         self.rows.append(task_index)
         _sync()
         self.snapshot_s += time.perf_counter() - t0
@@ -174,8 +205,9 @@ class GradientSurgery:
         timings = {"snapshot": self.snapshot_s}
         _sync()
         t0 = time.perf_counter()
-        for r in range(k - 1, 0, -1):  # running sums -> per-task partitions
-            buf[r].sub_(buf[r - 1])
+        if not self.reduce_each_backward:
+            for r in range(k - 1, 0, -1):  # ZeRO-3 running sums -> per-task partitions
+                buf[r].sub_(buf[r - 1])
         from megamt.kernels.task_gram import task_gram
 
         local = task_gram(buf, backend=self.backend).double()
@@ -191,39 +223,79 @@ class GradientSurgery:
         if self.method is not None:
             coeffs_sub = self.method.coefficients(G_sub, tasks=list(self.rows)).to(torch.float64)
         t3 = time.perf_counter()
-        apply = self.method is not None and not torch.equal(coeffs_sub, torch.ones_like(coeffs_sub))
-        if apply:
+        changed = self.method is not None and not torch.equal(coeffs_sub, torch.ones_like(coeffs_sub))
+        if changed or self.reduce_each_backward:  # ZeRO-1/2: the partitions were zeroed, always write
             self._combine_and_write(buf, coeffs_sub)
+        if self.reduce_each_backward:
+            self.engine.set_gradient_accumulation_boundary(True)  # the real step
         _sync()
         t4 = time.perf_counter()
         timings.update(gram=t1 - t0, allreduce=t2 - t1, method=t3 - t2, combine=t4 - t3)
-        return self._stats(G_sub, coeffs_sub, apply, timings)
+        return self._stats(G_sub, coeffs_sub, changed, timings)
 
     # ------------------------------------------------------------------ internals
 
     def _local_parts(self) -> list[Tensor]:
-        if self.offload:
-            table = self.engine.optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
-            return [table[p.ds_id] for p in self.params]
-        from deepspeed.utils import safe_get_local_grad
+        """This rank's gradient partition, one tensor per parameter it owns a part of."""
+        if self.stage == 3:
+            if self.offload:
+                table = self.engine.optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+                return [table[p.ds_id] for p in self.params]
+            from deepspeed.utils import safe_get_local_grad
 
-        return [safe_get_local_grad(p) for p in self.params]
+            return [safe_get_local_grad(p) for p in self.params]
+        return [frag for _, frag in self._fragments()]
+
+    def _fragments(self) -> list[tuple[Tensor, Tensor]]:
+        """ZeRO-1/2: (param, 1-D view of the rank's fp32/accumulation gradient fragment)
+        for every parameter with a fragment on this rank. Looked up on every call: DeepSpeed
+        may rebuild these buffers at every boundary."""
+        out = []
+        for p in self.params:
+            mapping = p._hp_mapping
+            if mapping is None:  # no element of p in this rank's partition
+                continue
+            grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+            address = mapping.lp_fragment_address
+            if grad.numel() != address.numel:  # a full-size accumulation buffer: this rank's slice of it
+                grad = grad.narrow(0, address.start, address.numel)
+            out.append((p, grad))
+        return out
+
+    def _zero12(self, parts: list[Tensor]) -> None:
+        for part in parts:
+            part.zero_()
+        if self.offload:  # the CPU accumulation buffers of the window (ZeRO-1/2 offload)
+            opt = self.engine.optimizer
+            acc = getattr(opt, "accumulated_grads_in_cpu", {})
+            for p in self.params:
+                buf = acc.get(opt.get_param_id(p))
+                if buf is not None:
+                    buf.zero_()
 
     def _allocate(self, parts: list[Tensor]) -> None:
-        sizes = [p.numel() for p in parts]
-        n_local = sum(sizes)
-        device = parts[0].device
+        self.sizes = [p.numel() for p in parts]
+        n_local = sum(self.sizes)
+        device = parts[0].device if parts else torch.device("cpu")
         self.buffer = torch.empty((self.num_tasks, n_local), dtype=torch.float32, device=device)
         self.offsets, a = [], 0
-        for s in sizes:
+        for s in self.sizes:
             self.offsets.append((a, a + s))
             a += s
-        self.flat = self._contiguous_flat(parts) if (self.flat_fast_path and not self.offload) else None
+        if self.stage == 3 and self.flat_fast_path and not self.offload:
+            self.flat = self._contiguous_flat(parts)
+
+    def _check_layout(self, parts: list[Tensor]) -> None:
+        if [p.numel() for p in parts] != self.sizes:
+            raise RuntimeError("gradient surgery: this rank's gradient partition changed layout between "
+                               f"backwards ({len(parts)} fragments vs {len(self.sizes)}); DeepSpeed repartitioned?")
 
     @staticmethod
     def _contiguous_flat(parts: list[Tensor]) -> Optional[Tensor]:
         """The parts as ONE flat view when they tile one fp32 storage in order (ZeRO-3's
         ``grad_partitions_flat_buffer``): one copy per snapshot instead of one per parameter."""
+        if not parts:
+            return None
         first = parts[0]
         if any(p.dtype != torch.float32 or not p.is_contiguous() for p in parts):
             return None
@@ -246,6 +318,9 @@ class GradientSurgery:
         for s in range(0, n, COMBINE_CHUNK):
             e = min(n, s + COMBINE_CHUNK)
             out[s:e].copy_(task_combine(buf[:, s:e], c, backend=self.backend))
+        if self.reduce_each_backward:
+            self._write12(out)
+            return
         if self.flat is not None:
             self.flat.copy_(out)
             return
@@ -257,6 +332,18 @@ class GradientSurgery:
             safe_set_local_grad(p, out[a:b])
             if table is not None:  # a later boundary copy (unmanaged accumulation) must see it too
                 table[p.ds_id].view(-1).copy_(out[a:b])
+
+    def _write12(self, out: Tensor) -> None:
+        frags = self._fragments()
+        self._check_layout([f for _, f in frags])
+        opt = self.engine.optimizer
+        norms = getattr(opt, "norm_for_param_grads", None) if self.offload else None
+        for (a, b), (p, frag) in zip(self.offsets, frags):
+            frag.copy_(out[a:b])
+            if norms is not None:  # CPU offload's clipping reads each fragment's norm from here
+                pid = opt.get_param_id(p)
+                old = norms.get(pid)
+                norms[pid] = frag.detach().to(old.dtype if torch.is_tensor(old) else torch.float32).norm(2)
 
     def _stats(self, G_sub: Tensor, coeffs_sub: Tensor, applied: bool, timings: dict) -> SurgeryStats:
         T = self.num_tasks

@@ -1,12 +1,12 @@
-"""Run under ``deepspeed --num_gpus 2``: gradient surgery on ZeRO-3 partitions vs a
-single-process float64 reference with full per-task gradients.
+"""Run under ``deepspeed --num_gpus 2``: gradient surgery on ZeRO-3 (and ZeRO-1/2)
+partitions vs a single-process float64 reference with full per-task gradients.
 
 For every method, a fresh engine trains 2 optimizer steps with one task-homogeneous
 micro-batch per task (gradient_accumulation_steps = T). Before each ``engine.step()``
 the combined gradient is gathered from the partitions (``safe_get_full_grad``) and
 compared to the reference direction (naive vector methods on full gradients, in
 DeepSpeed's scale 1/GAS); after each step the gathered parameters are compared to the
-reference SGD step. Rank 0 writes the largest errors as JSON to ``argv[1]``.
+reference SGD step (with DeepSpeed's gradient clipping where the case sets it). Rank 0 writes the largest errors as JSON to ``argv[1]``.
 """
 
 import copy
@@ -41,7 +41,8 @@ class TinyMLP(nn.Module):
         self.fc2 = nn.Linear(13, 7)
 
     def forward(self, x, y):
-        return ((self.fc2(torch.tanh(self.fc1(x))) - y) ** 2).mean()
+        dt = self.fc1.weight.dtype  # bf16 under a bf16 engine
+        return ((self.fc2(torch.tanh(self.fc1(x.to(dt)))) - y.to(dt)) ** 2).float().mean()
 
 
 def task_batch(task, rank, step):
@@ -54,17 +55,21 @@ def task_batch(task, rank, step):
     return x, x @ A_t
 
 
-def ds_config(offload, persistent=False):
+def ds_config(offload, persistent=False, stage=3, bf16=False, clip=0.0):
     # threshold 0: every parameter is partitioned; the default (1e5) keeps these tiny ones
-    # whole on every rank ("persistent"), while their gradients are still partitioned
-    zero = {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 64, "contiguous_gradients": True}
-    if not persistent:
+    # whole on every rank ("persistent"), while their gradients are still partitioned.
+    # A 64-element bucket: several reductions per backward, parameters split across ranks.
+    zero = {"stage": stage, "overlap_comm": True, "reduce_bucket_size": 64, "contiguous_gradients": True}
+    if stage == 3 and not persistent:
         zero["stage3_param_persistence_threshold"] = 0
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": T,
-            "zero_optimization": zero, "gradient_clipping": 0.0, "steps_per_print": 10**9,
-            "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
+    cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": T,
+           "zero_optimization": zero, "gradient_clipping": clip, "steps_per_print": 10**9,
+           "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
 
 
 def reference_direction(method, grads, step, rho):
@@ -83,16 +88,16 @@ def reference_direction(method, grads, step, rho):
     raise ValueError(method)
 
 
-def run(method, world, rank, offload=False, flat=True, persistent=False):
+def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3, bf16=False, clip=0.0):
     torch.manual_seed(0)
     model = TinyMLP()
     ref = copy.deepcopy(model).double()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                      config=ds_config(offload, persistent))
+                                      config=ds_config(offload, persistent, stage, bf16, clip))
     gcfg = GradientConfig(method=method, seed=SEED, cagrad_c=0.5, gradvac_beta=0.5)
     surgery = GradientSurgery(engine, gcfg, [f"task{t}" for t in range(T)], flat_fast_path=flat)
     rho = np.zeros((T, T))
-    errs = {"grad": 0.0, "param": 0.0, "gram": 0.0, "grad_scale": 0.0}
+    errs = {"grad": 0.0, "param": 0.0, "gram": 0.0, "grad_scale": 0.0, "clipped": False}
     conflicts = []
     for step in range(STEPS):
         # reference: full per-task gradients of the rank-averaged task losses
@@ -110,6 +115,7 @@ def run(method, world, rank, offload=False, flat=True, persistent=False):
         for t in range(T):
             x, y = task_batch(t, rank, step)
             loss = engine(x, y)
+            surgery.before_backward()  # ZeRO-1/2: every task's backward is reduced on its own
             engine.backward(loss)
             surgery.after_backward(t)
             if t == T - 1:
@@ -123,10 +129,16 @@ def run(method, world, rank, offload=False, flat=True, persistent=False):
         errs["gram"] = max(errs["gram"], float((stats.gram - G_ref).abs().max() / G_ref.abs().max()))
         conflicts.append(stats.conflicts)
 
+        update = expected
+        if clip > 0:  # DeepSpeed: g *= clip / (||g|| + 1e-6) when that is < 1
+            factor = clip / (float(expected.norm()) + 1e-6)
+            if factor < 1:
+                update = expected * factor
+                errs["clipped"] = True
         with torch.no_grad():  # reference SGD step
             offset = 0
             for p in ref.parameters():
-                p -= LR * expected[offset:offset + p.numel()].view_as(p)
+                p -= LR * update[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             got_p = torch.cat([p.detach().reshape(-1).double() for p in engine.module.parameters()])
@@ -150,10 +162,19 @@ def main():
         results[method] = run(method, world, rank)
     results["pcgrad_per_param"] = run("pcgrad", world, rank, flat=False)
     results["mgda_persistent"] = run("mgda", world, rank, persistent=True)
-    try:
-        results["pcgrad_offload"] = run("pcgrad", world, rank, offload=True)
-    except Exception as e:  # reported, and the test says what failed
-        results["pcgrad_offload"] = {"error": f"{type(e).__name__}: {e}"}
+    cases = {"pcgrad_offload": dict(method="pcgrad", offload=True),
+             # ZeRO-1/2: every task's backward is its own accumulation boundary
+             "z2_sum": dict(method="sum", stage=2), "z2_pcgrad": dict(method="pcgrad", stage=2),
+             "z2_mgda": dict(method="mgda", stage=2), "z2_cagrad_clip": dict(method="cagrad", stage=2, clip=0.05),
+             "z1_pcgrad": dict(method="pcgrad", stage=1), "z1_aligned_mtl": dict(method="aligned_mtl", stage=1),
+             "z2_pcgrad_offload_clip": dict(method="pcgrad", stage=2, offload=True, clip=0.05),
+             "z1_gradvac_offload": dict(method="gradvac", stage=1, offload=True),
+             "z2_pcgrad_bf16": dict(method="pcgrad", stage=2, bf16=True)}
+    for name, kw in cases.items():
+        try:
+            results[name] = run(kw.pop("method"), world, rank, **kw)
+        except Exception as e:  # reported, and the test says what failed
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

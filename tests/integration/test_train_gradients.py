@@ -72,13 +72,25 @@ def test_monitoring_only_on_measuring_steps(demo):
 
     from megamt.metrics_log import read_scalars
 
-    # the same run also computes per-task metrics at its validation point (eval.during_training)
+    # the same run also computes per-task metrics at its validation point (eval.during_training),
+    # and balances with GradNorm: its norms come from G on the measuring steps and from the
+    # shared representation (one mixed backward) on the others
     run_dir = _run(demo, "monitor", "gradients.monitor_every=3", "train.log_every=100", "eval.during_training=true",
-                   "eval.max_examples=4", "eval.max_new_tokens=8")
+                   "eval.max_examples=4", "eval.max_new_tokens=8", "gradients.loss_weighting=gradnorm",
+                   "gradients.balancer_lr=0.05")
     steps = step_losses(run_dir)
     assert sorted(steps) == list(range(1, STEPS + 1))
     measured = sorted(s for s, r in steps.items() if "grad/conflicts" in r)
     assert measured == [3, 6]
+    with_rep = sorted(s for s, r in steps.items() if any(k.startswith("grad/rep_norm/") for k in r))
+    assert with_rep == [1, 2, 4, 5]
+    for s in with_rep:  # every task of the step (the mixture need not draw all six every step)
+        tasks = [t for t in TASKS if f"train/loss/{t}" in steps[s]]
+        assert len(tasks) >= 2 and all(steps[s][f"grad/rep_norm/{t}"] > 0 for t in tasks), steps[s]
+    # the weights move on plain steps too (GradNorm learns from step 1), and stay a sum of T
+    w1, w2 = ([steps[s][f"loss_weight/{t}"] for t in TASKS] for s in (1, 2))
+    assert w1 == pytest.approx([1.0] * len(TASKS)) and w2 != pytest.approx(w1, abs=1e-4)
+    assert sum(steps[STEPS][f"loss_weight/{t}"] for t in TASKS) == pytest.approx(len(TASKS), abs=1e-3)
     scalars = read_scalars(run_dir / "tensorboard")
     assert sorted(s for s, _ in scalars["grad/cos/sentiment/nli"]) == [3, 6]
     acc = EventAccumulator(str(next((run_dir / "tensorboard").glob("events.out.tfevents.*")).parent),
@@ -91,3 +103,19 @@ def test_monitoring_only_on_measuring_steps(demo):
     assert (run_dir / "eval" / f"step_{STEPS:08d}" / "eval.json").is_file()
     # a measuring step runs one micro-batch per task (6) instead of train.grad_accum (1)
     assert steps[3]["perf/step_time_s"] > steps[2]["perf/step_time_s"]
+
+
+def test_mgda_under_zero2(demo):
+    # ZeRO-2: every task's backward is its own accumulation boundary, the weights move once per step
+    run_dir = _run(demo, "zero2", "train.ds_config=zero2", "gradients.method=mgda", "gradients.loss_weighting=dwa")
+    steps = step_losses(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert "zero_stage: 2" in log_text(run_dir)
+    for r in steps.values():
+        assert math.isfinite(r["train/loss"]) and "grad/conflicts" in r and r["grad/time_s/gram"] >= 0
+    # one optimizer (and scheduler) step per megamt step, not one per task micro-batch: the
+    # learning rate climbs through the warm-up step by step (6 micro-batches per step would
+    # have ended it before step 2)
+    lrs = [steps[s]["train/lr"] for s in range(1, STEPS + 1)]
+    assert lrs[0] == 0.0 < lrs[1] < lrs[2] and lrs[-1] < lrs[2], lrs
+    assert steps[STEPS]["train/loss/sentiment"] < steps[1]["train/loss/sentiment"]

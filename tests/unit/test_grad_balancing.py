@@ -93,10 +93,26 @@ def test_gradnorm_moves_weight_to_the_task_with_small_gradient():
     assert w[0] > w[2] > w[1]
     weighted = w * norms
     assert float(weighted.max() / weighted.min()) < 1.2, weighted
-    # without G the weights stay
+    # without G and without representation norms the weights stay
     before = bal.weights()
     bal.update(999, means(1.0, 1.0, 1.0), gram=None)
     assert bal.weights() == before
+
+
+def test_gradnorm_from_representation_norms_equals_from_gram():
+    """Steps without G use the per-task norms given directly: the same update as diag(G)."""
+    a, b = GradNormBalancer(TASKS, alpha=1.5, lr=0.05), GradNormBalancer(TASKS, alpha=1.5, lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(20):
+        n = torch.rand(3, generator=gen, dtype=torch.float64) + 0.1
+        m = means(*(torch.rand(3, generator=gen) + 0.5).tolist())
+        G = torch.randn(3, 3, generator=gen, dtype=torch.float64) * 0.01
+        G = G + G.T
+        G.diagonal().copy_(n ** 2)  # off-diagonal entries do not matter to GradNorm
+        a.update(step, m, gram=G)
+        b.update(step, m, grad_norms=n)
+        assert a.weights() == pytest.approx(b.weights(), abs=1e-6)
+    assert max(abs(v - 1.0) for v in a.weights().values()) > 1e-3  # they moved
 
 
 def test_famo_favours_the_task_that_improves_slowly():

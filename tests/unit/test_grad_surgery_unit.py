@@ -1,8 +1,11 @@
-"""GradientSurgery's bookkeeping on one process with a fake ZeRO-3 engine (no launcher).
+"""GradientSurgery's bookkeeping on one process with fake ZeRO-3 and ZeRO-2 engines (no launcher).
 
-The fake engine holds each parameter's "partition" as a view of one flat fp32 buffer,
-like ZeRO-3's grad_partitions_flat_buffer, and adds each task's gradient into it the
-way DeepSpeed's reduce-scatter does. The real 2-rank run is tests/integration/test_grad_surgery.py.
+The fake ZeRO-3 engine holds each parameter's "partition" as a view of one flat fp32
+buffer, like ZeRO-3's grad_partitions_flat_buffer, and adds each task's gradient into it
+the way DeepSpeed's reduce-scatter does. The fake ZeRO-2 engine exposes fragments through
+``_hp_mapping`` like DeepSpeed's stage 1/2 optimizer, adds into them only at an accumulation
+boundary, and records the boundary flags. The real 2-rank runs are
+tests/integration/test_grad_surgery.py.
 """
 
 import types
@@ -122,7 +125,9 @@ def test_sum_is_measure_only_and_absent_tasks(fake_ds, method):
 
 
 def test_refuses_what_it_cannot_do(fake_ds):
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3"):
+    with pytest.raises(NotImplementedError, match="ZeRO stage 1, 2 or 3"):
+        GradientSurgery(FakeEngine(gas=2, stage=0), GradientConfig(method="pcgrad"), ["a", "b"])
+    with pytest.raises(RuntimeError, match="no optimizer fragment mapping"):
         GradientSurgery(FakeEngine(gas=2, stage=2), GradientConfig(method="pcgrad"), ["a", "b"])
     with pytest.raises(NotImplementedError, match="fp16"):
         GradientSurgery(FakeEngine(gas=2, fp16=True), GradientConfig(method="pcgrad"), ["a", "b"])
@@ -132,3 +137,85 @@ def test_refuses_what_it_cannot_do(fake_ds):
         s.finish()
     with pytest.raises(IndexError, match="out of range"):
         s.after_backward(5)
+
+
+class FakeMapping:
+    """DeepSpeed's tensor_fragment for one parameter: this rank's slice [start, start + numel)."""
+
+    def __init__(self, store, start, numel):
+        self.store, self.lp_fragment_address = store, types.SimpleNamespace(start=start, numel=numel)
+
+    def get_lp_grad_fragment(self, index):
+        return self.store[index]
+
+
+class FakeEngine12(FakeEngine):
+    """Rank 0 of 2 under ZeRO-2: owns the first half of each parameter (a separate fp32
+    buffer per fragment, like a non-contiguous partition); the last parameter is not here."""
+
+    def __init__(self, gas):
+        super().__init__(gas, stage=2)
+        self.frags = {}
+        for i, (p, s) in enumerate(zip(self.params, SIZES)):
+            del p.ds_id
+            if i == len(SIZES) - 1:
+                p._hp_mapping = None
+                continue
+            p._index_in_param_group = i
+            self.frags[i] = torch.zeros(s // 2 + 1)
+            p._hp_mapping = FakeMapping(self.frags, 0, s // 2 + 1)
+        self.boundary, self.flags = None, []
+
+    def set_gradient_accumulation_boundary(self, b):
+        self.boundary = b
+        self.flags.append(b)
+
+    def local(self, grad):  # this rank's part of a full flat gradient, in parameter order
+        out, a = [], 0
+        for i, s in enumerate(SIZES):
+            if i in self.frags:
+                out.append(grad[a:a + s // 2 + 1])
+            a += s
+        return torch.cat(out)
+
+    def backward_task(self, grad):
+        assert self.boundary, "ZeRO-1/2 surgery must make every task's backward a boundary"
+        a = 0
+        for i, s in enumerate(SIZES):
+            if i in self.frags:
+                self.frags[i] += grad[a:a + s // 2 + 1] / self.gas
+            a += s
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "sum"])
+def test_zero12_fragments_boundaries_and_writeback(method):
+    T = 3
+    engine = FakeEngine12(gas=T)
+    gen = torch.Generator().manual_seed(1)
+    grads = torch.randn(T, sum(SIZES), generator=gen)
+    grads[1] = -grads[0] + 0.1 * grads[1]
+    surgery = GradientSurgery(engine, GradientConfig(method=method, seed=4), ["a", "b", "c"], backend="torch")
+    assert surgery.reduce_each_backward
+    for step in range(2):
+        surgery.begin_step()
+        engine.flags.clear()
+        for t in range(T):
+            engine.set_gradient_accumulation_boundary(t == T - 1)  # the trainer's own flag
+            surgery.before_backward()
+            engine.backward_task(grads[t])
+            surgery.after_backward(t)
+            # after each snapshot the fragments are empty and the boundary is off again
+            assert all(f.abs().sum() == 0 for f in engine.frags.values()) and engine.boundary is False
+        stats = surgery.finish()
+        assert engine.boundary is True  # the real engine.step() is the boundary
+        # per task: the trainer's flag, before_backward's True, after_backward's False; finish's True
+        assert engine.flags == [False, True, False] + [False, True, False] + [True, True, False] + [True]
+        local = torch.stack([engine.local(g) for g in grads]).double()
+        # single process: the Gram matrix is this rank's part only (the all-reduce sums the ranks')
+        assert torch.allclose(stats.gram, local @ local.T, rtol=1e-5, atol=1e-5)
+        want = (reference_pcgrad(local, projection_orders(T, 4, step)) if method == "pcgrad" else local.sum(0)) / T
+        got = torch.cat([engine.frags[i] for i in sorted(engine.frags)]).double()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)  # written back, also for sum
+        assert stats.applied == (method == "pcgrad")
+        for f in engine.frags.values():
+            f.zero_()  # the optimizer step consumes the gradient
