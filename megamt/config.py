@@ -122,6 +122,11 @@ class DataConfig:
     """Examples held by the best-fit packer before it must emit a sequence."""
     overlong: Literal["truncate", "reject"] = "truncate"
     """An example longer than seq_len: truncate (prompt from the left) or reject; both are counted."""
+    qa_doc_stride: Optional[int] = None
+    """Encoder extractive QA longer than seq_len (overlong=truncate): split into windows over
+    the context overlapping by this many tokens, as Hugging Face's doc_stride; training keeps
+    the windows holding the answer, evaluation takes the best span over all windows. 0 =
+    truncate like any other example; unset = min(128, seq_len // 4)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad input rows: raise naming file/line, or skip and count per reason in the manifest."""
     shard_max_examples: int = 10000
@@ -140,12 +145,19 @@ class DataConfig:
     objective: Literal["auto", "causal_lm", "encoder"] = "auto"
     """What packed batches carry: text-to-text (causal LM) or encoder inputs with head labels. auto: by model family."""
 
+    def doc_stride(self) -> int:
+        """``qa_doc_stride`` resolved (unset: min(128, seq_len // 4))."""
+        return min(128, self.seq_len // 4) if self.qa_doc_stride is None else self.qa_doc_stride
+
     def problems(self, key: str) -> list[str]:
         out = []
         if self.seq_len < 8:
             out.append(f"{key}.seq_len: must be >= 8, got {self.seq_len}")
         if self.pack_buffer < 1:
             out.append(f"{key}.pack_buffer: must be >= 1, got {self.pack_buffer}")
+        if self.qa_doc_stride is not None and not 0 <= self.qa_doc_stride < self.seq_len // 2:
+            out.append(f"{key}.qa_doc_stride: must be >= 0 and < seq_len / 2 ({self.seq_len // 2}), "
+                       f"got {self.qa_doc_stride}")
         if self.shard_max_examples < 1:
             out.append(f"{key}.shard_max_examples: must be >= 1")
         if self.shard_max_bytes < 1024:

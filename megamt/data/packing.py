@@ -7,10 +7,15 @@ token and on padding). Encoder items carry their head labels instead.
 
 :class:`Packer` holds up to ``buffer_size`` items. A row starts with the *oldest* item
 (no starvation), then repeatedly takes the *longest* buffered item that still fits
-(best fit). Examples are never split; an example longer than ``seq_len`` is truncated
-(causal: prompt from the left, keeping its first token; then the target from the right;
-encoder: from the right, keeping the final special token) or rejected, per
-``data.overlong``, and counted in ``Packer.stats``.
+(best fit). Examples are never split across rows; an example longer than ``seq_len`` is
+truncated (causal: prompt from the left, keeping its first token; then the target from the
+right; encoder: from the right, keeping the final special token) or rejected, per
+``data.overlong``, and counted in ``Packer.stats``. Encoder extractive QA under
+``overlong=truncate`` with ``data.qa_doc_stride > 0`` is split instead, like Hugging Face's
+``doc_stride``: windows ``[CLS] question [SEP] context[i:i+room] [SEP]`` whose contexts
+overlap by ``qa_doc_stride`` tokens; the windows holding the whole answer are kept (counted
+``qa_split`` / ``qa_windows``), the others carry no gold span and are left out, as the
+SQuAD v1.1 objective has no "no answer" position.
 
 :func:`collate_rows` turns rows into the batch dict of ARCHITECTURE.md (Packed batch).
 """
@@ -108,11 +113,38 @@ def fit_overlong(item: PackItem, seq_len: int, policy: str) -> Optional[PackItem
     return PackItem(toks, item.task_id, cls=item.cls, tags=tags, span=span, ctx=ctx, key=item.key)
 
 
+def qa_windows(item: PackItem, seq_len: int, stride: int) -> list[PackItem]:
+    """Doc-stride windows of an overlong encoder QA item that hold its whole answer ([] when
+    the question leaves no room for ``stride`` + 1 context tokens, or no window holds the
+    answer: the caller truncates then). See the module docstring."""
+    if item.span is None or item.ctx is None or item.span[0] < 0:
+        return []
+    c0, c1 = item.ctx
+    head, tail = item.tokens[:c0], item.tokens[c1 + 1:]
+    room = seq_len - len(head) - len(tail)
+    if room <= stride:
+        return []
+    a, b = item.span
+    out, start = [], c0
+    while True:
+        end = min(start + room, c1 + 1)  # exclusive
+        if start <= a and b < end:
+            toks = np.concatenate([head, item.tokens[start:end], tail])
+            shift = len(head) - start
+            out.append(PackItem(toks, item.task_id, span=(a + shift, b + shift),
+                                ctx=(len(head), len(head) + end - start - 1),
+                                key=f"{item.key}#w{len(out)}" if item.key else ""))
+        if end > c1:
+            return out
+        start += room - stride
+
+
 class Packer:
     """Best-fit packer over a buffer of items (see module docstring)."""
 
-    def __init__(self, seq_len: int, buffer_size: int = 64, overlong: str = "truncate"):
+    def __init__(self, seq_len: int, buffer_size: int = 64, overlong: str = "truncate", qa_doc_stride: int = 0):
         self.seq_len, self.buffer_size, self.overlong = seq_len, buffer_size, overlong
+        self.qa_doc_stride = qa_doc_stride
         self._items: dict[int, PackItem] = {}     # arrival number -> item
         self._arrival: deque[int] = deque()       # arrival order (lazy deletion)
         self._sorted: list[tuple[int, int]] = []  # (length, arrival number), ascending
@@ -128,6 +160,14 @@ class Packer:
 
     def add(self, item: PackItem) -> bool:
         """Buffer an item; False when it was rejected as overlong (counted)."""
+        if len(item) > self.seq_len and item.span is not None and self.qa_doc_stride > 0 and self.overlong == "truncate":
+            windows = qa_windows(item, self.seq_len, self.qa_doc_stride)
+            if windows:
+                self.stats["qa_split"] += 1
+                self.stats["qa_windows"] += len(windows)
+                for w in windows:
+                    self._insert(w)
+                return True
         if len(item) > self.seq_len:
             fitted = fit_overlong(item, self.seq_len, self.overlong)
             self.stats["truncated" if fitted is not None else "overlong"] += 1
@@ -137,12 +177,15 @@ class Packer:
         if len(item) == 0:
             self.stats["empty"] += 1
             return False
+        self._insert(item)
+        return True
+
+    def _insert(self, item: PackItem) -> None:
         n = self._next
         self._next += 1
         self._items[n] = item
         self._arrival.append(n)
         bisect.insort(self._sorted, (len(item), n))
-        return True
 
     def _take(self, n: int) -> PackItem:
         item = self._items.pop(n)

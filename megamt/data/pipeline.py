@@ -84,7 +84,7 @@ class TrainPipeline:
             log(self.mixture.describe(0))
 
     def _new_packer(self) -> Packer:
-        return Packer(self.seq_len, self.cfg.data.pack_buffer, self.cfg.data.overlong)
+        return Packer(self.seq_len, self.cfg.data.pack_buffer, self.cfg.data.overlong, self.cfg.data.doc_stride())
 
     # ------------------------------------------------------------------ batches
     def set_step(self, step: int) -> None:
@@ -104,8 +104,10 @@ class TrainPipeline:
     def _warn_overlong(self, task: str, item) -> None:
         if not self._warned_overlong and self.rank == 0 and self.log:
             self.log(f"data: an example of task {task!r} ({item.key}) has {len(item)} tokens > data.seq_len="
-                     f"{self.seq_len}; data.overlong={self.cfg.data.overlong} (counted in TrainPipeline.stats(); "
-                     f"this is said once)")
+                     f"{self.seq_len}; data.overlong={self.cfg.data.overlong}"
+                     + (f", extractive QA split into windows (data.qa_doc_stride={self.cfg.data.doc_stride()})"
+                        if self.cfg.data.doc_stride() and self.cfg.data.overlong == "truncate" else "")
+                     + " (counted in TrainPipeline.stats(); this is said once)")
         self._warned_overlong = True
 
     def next_batch(self, task: Optional[str] = None) -> dict[str, Any]:
@@ -189,7 +191,7 @@ def eval_batches(cfg, task: str, split: str, rank: int = 0, world_size: int = 1,
     shards = split_shards(manifest, data.shards_dir, task, split)
     ds = ExampleDataset(shards, rank, world_size, workers, seed=data.seed, name=task)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=identity)
-    packer = Packer(data.seq_len, data.pack_buffer, data.overlong)
+    packer = Packer(data.seq_len, data.pack_buffer, data.overlong, data.doc_stride())
     rows: list = []
     emitted = 0
 
@@ -216,10 +218,11 @@ def eval_batches(cfg, task: str, split: str, rank: int = 0, world_size: int = 1,
                 return
     if rows:
         yield batch()
-    cut, dropped = packer.stats["truncated"], packer.stats["overlong"]
-    if (cut or dropped) and log:
-        log(f"eval data {task}/{split} rank {rank}: {cut} example(s) truncated, {dropped} rejected "
-            f"(longer than data.seq_len={data.seq_len}, data.overlong={data.overlong})")
+    cut, dropped, split_qa = packer.stats["truncated"], packer.stats["overlong"], packer.stats["qa_split"]
+    if (cut or dropped or split_qa) and log:
+        log(f"eval data {task}/{split} rank {rank}: {cut} example(s) truncated, {dropped} rejected, {split_qa} "
+            f"split into {packer.stats['qa_windows']} QA window(s) (longer than data.seq_len={data.seq_len}, "
+            f"data.overlong={data.overlong}, data.qa_doc_stride={data.doc_stride()})")
 
 
 def padding_batch(cfg, manifest: Optional[dict] = None, batch_size: Optional[int] = None) -> dict[str, Any]:

@@ -422,10 +422,37 @@ def _encoder_features(tok, ex, ttype: str, max_len: int) -> dict:
                 first.append((w, pos))
             prev = w
         return {"input_ids": enc["input_ids"], "first_subtokens": first}
-    enc = tok(f["question"], f["context"], truncation="only_second", max_length=max_len, return_offsets_mapping=True)
-    seq = enc.sequence_ids()
-    ctx = [p for p, s in enumerate(seq) if s == 1]
-    return {"input_ids": enc["input_ids"], "context_tokens": ctx, "offsets": enc["offset_mapping"]}
+    raise ValueError(f"_encoder_features: {ttype} (extractive QA goes through _qa_windows)")
+
+
+def _qa_windows(tok, ex, max_len: int, stride: int) -> list[dict]:
+    """(question, context) features; a context too long for ``max_len`` gives several windows
+    overlapping by ``stride`` tokens (the tokenizer's own overflow, as training's
+    ``data.qa_doc_stride``; stride 0 = the first window only, truncated)."""
+    f = ex.fields
+    try:
+        enc = tok(f["question"], f["context"], truncation="only_second", max_length=max_len, stride=stride,
+                  return_overflowing_tokens=True, return_offsets_mapping=True)
+    except Exception as e:  # the question alone does not fit max_len
+        raise EvalError(f"{ex.key}: cannot fit question + context windows into data.seq_len={max_len} "
+                        f"with data.qa_doc_stride={stride} ({e}); raise data.seq_len") from e
+    n = len(enc["input_ids"]) if stride > 0 else 1
+    return [{"input_ids": enc["input_ids"][w], "offsets": enc["offset_mapping"][w],
+             "context_tokens": [p for p, sid in enumerate(enc.sequence_ids(w)) if sid == 1]} for w in range(n)]
+
+
+def _encoder_batch(rows_ids: list[list[int]], task_id: int, pad: int, device) -> dict:
+    L = max(len(x) for x in rows_ids)
+    batch = {"input_ids": torch.full((len(rows_ids), L), pad, dtype=torch.long),
+             "segment_ids": torch.full((len(rows_ids), L), -1, dtype=torch.long),
+             "task_ids": torch.full((len(rows_ids), L), -1, dtype=torch.long),
+             "position_ids": torch.arange(L).repeat(len(rows_ids), 1)}
+    for r, x in enumerate(rows_ids):
+        n = len(x)
+        batch["input_ids"][r, :n] = torch.tensor(x)
+        batch["segment_ids"][r, :n] = 0
+        batch["task_ids"][r, :n] = task_id
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch_size, progress):
@@ -442,23 +469,27 @@ def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch
     max_answer = config.eval.max_answer_tokens
     bar = _bar(len(mine), f"eval {name}", progress)
     local = []
+    head = enc_model.heads[name]
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             rows = mine[start:start + batch_size]
+            if ttype == "extractive_qa":  # the best span over every window of each example
+                stride = config.data.doc_stride()
+                wins = [(i, w) for i in rows for w in _qa_windows(tok, examples[i], config.data.seq_len, stride)]
+                best: dict[int, tuple[float, str]] = {}
+                for s0 in range(0, len(wins), batch_size):
+                    chunk = wins[s0:s0 + batch_size]
+                    hidden = enc_model.encode(_encoder_batch([w["input_ids"] for _, w in chunk], t, pad, device))
+                    for r, (i, w) in enumerate(chunk):
+                        score, text = _best_span(head(hidden[r]), w, examples[i].fields["context"], max_answer)
+                        if i not in best or score > best[i][0]:
+                            best[i] = (score, text)
+                local.extend((i, best[i][1] if i in best else "", True) for i in rows)
+                if bar is not None:
+                    bar.update(len(rows))
+                continue
             feats = [_encoder_features(tok, examples[i], ttype, config.data.seq_len) for i in rows]
-            L = max(len(x["input_ids"]) for x in feats)
-            batch = {"input_ids": torch.full((len(rows), L), pad, dtype=torch.long),
-                     "segment_ids": torch.full((len(rows), L), -1, dtype=torch.long),
-                     "task_ids": torch.full((len(rows), L), -1, dtype=torch.long),
-                     "position_ids": torch.arange(L).repeat(len(rows), 1)}
-            for r, x in enumerate(feats):
-                n = len(x["input_ids"])
-                batch["input_ids"][r, :n] = torch.tensor(x["input_ids"])
-                batch["segment_ids"][r, :n] = 0
-                batch["task_ids"][r, :n] = t
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = enc_model.encode(batch)
-            head = enc_model.heads[name]
+            hidden = enc_model.encode(_encoder_batch([x["input_ids"] for x in feats], t, pad, device))
             for r, (i, x) in enumerate(zip(rows, feats)):
                 ex = examples[i]
                 if ttype == "classification":
@@ -471,8 +502,6 @@ def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch
                         for (w, _), k in zip(x["first_subtokens"], tags):
                             pred[w] = labels[k]
                     local.append((i, pred, True))
-                else:
-                    local.append((i, _best_span(head(hidden[r]), x, ex.fields["context"], max_answer), True))
             if bar is not None:
                 bar.update(len(rows))
     if bar is not None:
@@ -480,10 +509,12 @@ def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch
     return local, "encoder head"
 
 
-def _best_span(logits: torch.Tensor, feats: dict, context: str, max_answer: int) -> str:
+def _best_span(logits: torch.Tensor, feats: dict, context: str, max_answer: int) -> tuple[float, str]:
+    """The best context span of one window (start <= end < start + max_answer): its score
+    (start + end logit, comparable across the windows of one example) and its text."""
     ctx = feats["context_tokens"]
     if not ctx:
-        return ""
+        return float("-inf"), ""
     idx = torch.tensor(ctx, device=logits.device)
     s, e = logits[idx, 0].float(), logits[idx, 1].float()
     score = s[:, None] + e[None, :]
@@ -493,7 +524,7 @@ def _best_span(logits: torch.Tensor, feats: dict, context: str, max_answer: int)
     best = int(score.argmax())
     a, b = ctx[best // n], ctx[best % n]
     off = feats["offsets"]
-    return context[off[a][0]:off[b][1]]
+    return float(score.view(-1)[best]), context[off[a][0]:off[b][1]]
 
 
 # --------------------------------------------------------------------------- scoring and gathering

@@ -198,3 +198,62 @@ def test_encoder_overlong_truncation_keeps_last_token_and_drops_cut_answers():
     assert ner.tags.tolist() == list(range(9)) + [IGNORE]
     b = collate_rows([[got]], 12, PAD, "encoder")
     assert (b["start_labels"][0, 5:9] == 0).all() and (b["start_labels"][0, 9:] == IGNORE).all()
+
+
+def _qa_item(n_ctx=30, span=(10, 12), head=4, tail=1):
+    from megamt.data.packing import PackItem
+
+    toks = np.arange(100, 100 + head + n_ctx + tail, dtype=np.int64)
+    return PackItem(toks, 2, span=(head + span[0], head + span[1]), ctx=(head, head + n_ctx - 1), key="ex7")
+
+
+@pytest.mark.parametrize("seq_len,stride", [(16, 3), (17, 5), (12, 1), (33, 4)])
+def test_qa_windows_hold_the_answer_at_every_position(seq_len, stride):
+    from megamt.data.packing import qa_windows
+
+    for a in range(0, 30):
+        for length in range(1, stride + 2):  # consecutive windows share `stride` tokens
+            b = a + length - 1
+            if b >= 30:
+                continue
+            item = _qa_item(span=(a, b))
+            wins = qa_windows(item, seq_len, stride)
+            assert wins, (a, b)
+            for w in wins:
+                assert len(w) <= seq_len and w.task_id == 2 and w.key.startswith("ex7#w")
+                assert list(w.tokens[:4]) == list(item.tokens[:4]) and w.tokens[-1] == item.tokens[-1]
+                # the gold span covers the same tokens as in the original example
+                assert list(w.tokens[w.span[0]:w.span[1] + 1]) == list(item.tokens[item.span[0]:item.span[1] + 1])
+                assert w.ctx[0] == 4 and w.ctx[0] <= w.span[0] <= w.span[1] <= w.ctx[1] == len(w) - 2
+
+
+def test_qa_windows_cover_the_context_with_the_stride_overlap():
+    from megamt.data.packing import qa_windows
+
+    seen = set()
+    for a in range(30):  # the union of the windows that hold some answer = every context token
+        for w in qa_windows(_qa_item(span=(a, a)), 16, 3):
+            seen.update(int(t) for t in w.tokens[w.ctx[0]:w.ctx[1] + 1])
+    assert seen == set(range(104, 134))
+    assert qa_windows(_qa_item(), 16, 11) == []  # room 11 <= stride: no progress possible
+
+
+def test_packer_splits_overlong_qa_and_counts():
+    from megamt.data.packing import Packer, PackItem
+
+    p = Packer(16, overlong="truncate", qa_doc_stride=3)
+    assert p.add(_qa_item(span=(10, 11)))
+    assert p.stats["qa_split"] == 1 and p.stats["qa_windows"] == len(p) >= 1 and p.stats["truncated"] == 0
+    # an answer longer than a window: truncated as before (counted), gold span lost
+    assert p.add(_qa_item(span=(0, 20)))
+    assert p.stats["truncated"] == 1
+    # reject policy and stride 0 keep their meaning
+    r = Packer(16, overlong="reject", qa_doc_stride=3)
+    assert not r.add(_qa_item()) and r.stats["overlong"] == 1
+    z = Packer(16, overlong="truncate", qa_doc_stride=0)
+    assert z.add(_qa_item()) and z.stats["truncated"] == 1 and z.stats["qa_split"] == 0
+    # a short QA example is never split
+    s = Packer(64, qa_doc_stride=3)
+    s.add(_qa_item())
+    assert s.stats["qa_split"] == 0 and len(s) == 1
+    assert isinstance(PackItem.from_state(p._items[next(iter(p._items))].to_state()), PackItem)

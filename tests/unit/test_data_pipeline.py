@@ -214,3 +214,27 @@ def test_overlong_examples_are_reported(demo):
     assert p.stats()["overlong"] > 0 and sum("data.seq_len=24" in l for l in lines) == 1
     assert list(eval_batches(cfg, "summ", "validation", log=lines.append)) == []
     assert "0 example(s) truncated, 25 rejected" in lines[-1]  # every summ example is longer than 24 tokens
+
+
+def test_encoder_qa_is_split_into_doc_stride_windows(demo):
+    a, over = demo
+    cfg = load_config(a.spec, over + ["data.objective=encoder", "data.seq_len=16", "data.qa_doc_stride=3"])
+    lines = []
+    p = TrainPipeline(cfg, 0, 1, log=lines.append)
+    spans = 0
+    for _ in range(6):
+        b = p.next_batch(task="qa")
+        for r in range(b["input_ids"].shape[0]):
+            for seg in b["segment_ids"][r].unique().tolist():
+                if seg < 0:
+                    continue
+                in_seg = b["segment_ids"][r] == seg
+                starts = ((b["start_labels"][r] == 1) & in_seg).nonzero().flatten()
+                ends = ((b["end_labels"][r] == 1) & in_seg).nonzero().flatten()
+                assert len(starts) == len(ends) <= 1  # a window holds its example's gold span whole
+                if len(starts):
+                    spans += 1
+                    assert starts[0] <= ends[0] and b["start_labels"][r, starts[0]] == 1
+    stats = p.stats()
+    assert stats["qa_split"] > 0 and stats["qa_windows"] >= stats["qa_split"] and spans > 0
+    assert any("extractive QA split into windows (data.qa_doc_stride=3)" in l for l in lines)

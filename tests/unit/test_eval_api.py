@@ -147,3 +147,41 @@ def test_log_eval_writes_tensorboard_scalars(tmp_path):
     ev = acc.Scalars("eval/sst2/accuracy")[0]
     assert ev.step == 7 and ev.value == pytest.approx(90.0)
     assert log_eval(None, 1, results) == 0
+
+
+def test_encoder_qa_windows_find_the_same_span_as_one_long_window(demo, encoder, monkeypatch):
+    """Doc-stride evaluation: with span logits that depend on each token alone (a
+    position-free stand-in for the encoder), the best span over short overlapping windows
+    must be the best span of one window holding the whole context (every span of at most
+    ``qa_doc_stride`` + 1 tokens lies whole in some window)."""
+    import copy
+    import dataclasses
+
+    from megamt.data.tokenize import load_tokenizer
+
+    enc_model = encoder.backbone
+    emb = enc_model.backbone.embeddings.word_embeddings
+    monkeypatch.setattr(enc_model, "encode", lambda batch: emb(batch["input_ids"]))
+    tok = load_tokenizer(demo.tokenizer)
+    gold = _gold(demo, "qa")
+    contexts = [g.fields["context"] for g in gold]
+    # long contexts: each example's context among the others' (4 to 9 contexts each)
+    examples = [dataclasses.replace(g, fields={**g.fields, "context": " ".join(contexts[i:] + contexts[:i])[:400]})
+                for i, g in enumerate(gold)]
+    et = api.resolve_tasks(encoder.config, ["qa"])[0]
+
+    def run(seq_len, stride):
+        cfg = copy.deepcopy(encoder.config)
+        cfg.data.seq_len, cfg.data.qa_doc_stride, cfg.eval.max_answer_tokens = seq_len, stride, 5
+        local, _ = api._predict_encoder(enc_model, tok, cfg, et, examples, list(range(len(examples))), 4, False)
+        return [p for _, p, _ in sorted(local)]
+
+    longest = max(len(tok(e.fields["question"], e.fields["context"])["input_ids"]) for e in examples)
+    whole = run(longest + 1, 0)  # one window each
+    short = max(len(tok(e.fields["question"])["input_ids"]) for e in examples) + 14
+    assert min(len(api._qa_windows(tok, e, short, 6)) for e in examples) >= 3
+    assert all(len(api._qa_windows(tok, e, longest + 1, 6)) == 1 for e in examples)
+    assert run(short, 6) == whole
+    assert all(p and p in e.fields["context"] for p, e in zip(whole, examples))
+    # stride 0: the first window only (truncated): the best span of the whole context is not always in it
+    assert run(short, 0) != whole
