@@ -67,3 +67,37 @@ def test_transfer_spec_errors_are_named(tmp_path):
     raw["steps_per_tsk"] = 3
     spec.write_text(yaml.safe_dump(raw))
     assert main(["transfer", str(spec)]) == 2
+
+
+def test_transfer_with_held_out_task_causal(tmp_path):
+    """The held-out branch end to end: a tiny causal LM, two trained tasks, one task left out
+    of multitask training and scored zero-shot against its own single-task model."""
+    from megamt.data.synthetic import make_demo_assets
+    from megamt.eval.transfer import main
+
+    demo = make_demo_assets(tmp_path / "demo", n_train=32, n_val=4, seq_len=96)
+    spec = yaml.safe_load(demo.spec.read_text())
+    spec["train"] = {"micro_batch_size": 2, "log_every": 1, "eval_batches": 1, "warmup_steps": 0, "lr": 1e-3,
+                     "eval_at_start": False, "progress_bar": False}
+    spec.setdefault("eval", {})["max_new_tokens"] = 4
+    (tmp_path / "demo" / "causal.yaml").write_text(yaml.safe_dump(spec))
+    exp = {"base": "demo/causal.yaml", "tasks": ["sentiment", "nli"], "held_out": ["instruct"], "steps_per_task": 2,
+           "launcher": "inprocess", "multitask": {"proportional": ["mixture.strategy=proportional"]},
+           "eval": {"max_examples": 4}, "out": "out"}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["transfer", str(tmp_path / "exp.yaml")]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "transfer.json").read_text())
+    multi = json.loads((out / "runs" / "multitask-proportional" / "run_summary.json").read_text())
+    single = json.loads((out / "runs" / "single-instruct" / "run_summary.json").read_text())
+    row = next(r for r in report["tasks"] if r["task"] == "instruct")
+    assert row["held_out"] and row["n_examples"] == 4
+    m = row["metric"]
+    assert row["single"] == single["eval"]["tasks"]["instruct"]["metrics"][m]
+    assert row["multitask"]["proportional"] == multi["eval"]["tasks"]["instruct"]["metrics"][m]
+    assert multi["eval"]["tasks"]["instruct"]["zero_shot"]  # never trained on: zero-shot
+    # the multitask run trained on the two tasks only, for 2 steps each
+    res = {r["configuration"]: r for r in report["resources"]}
+    assert res["multitask (proportional)"]["steps"] == 4 and res["single-task"]["models"] == 3
+    md = (out / "transfer.md").read_text()
+    assert "instruct (held out: zero-shot)" in md and "Zero-shot / supervised (single-task) ratio: instruct" in md
