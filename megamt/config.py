@@ -414,6 +414,10 @@ class EvalConfig:
     """Per task, the metrics to report (empty = every metric of its type; see megamt.eval.metrics)."""
     max_answer_tokens: int = 30
     """Encoder span heads: the longest answer (tokens) considered when decoding QA spans."""
+    all_templates: bool = False
+    """Causal LMs: score every template that fits each task (its own and the task type's
+    built-ins), not only the first: per-template metrics, and ``metrics`` = their mean with
+    std / min / max beside it (prompt robustness). Costs one evaluation per template."""
     during_training: bool = False
     """Also compute per-task metrics (TensorBoard ``eval/<task>/<metric>``, ``eval.json`` under
     ``<run_dir>/eval/step_N``) at every validation point of training (``train.eval_every`` and

@@ -230,11 +230,13 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
              split: str | None = None, max_examples: int | None = None, max_new_tokens: int | None = None,
              batch_size: int | None = None, out_dir: str | Path | None = None,
              supervised: dict | str | Path | None = None, zero_shot: Sequence[str] = (),
-             progress: bool = True, write_predictions: bool = True) -> dict:
+             progress: bool = True, write_predictions: bool = True, all_templates: bool | None = None) -> dict:
     """Per-task metrics of ``model`` (a MultitaskModel, EncoderWithHeads or HF causal LM).
 
     Returns ``{"tasks": {name: {...}}, ...}`` on every rank (rank 0 computes the metrics and
     broadcasts them); rank 0 writes ``eval.json`` + ``eval.md`` into ``out_dir`` when given.
+    ``all_templates`` (default ``eval.all_templates``): causal LMs are scored with every
+    fitting template, ``metrics`` being their mean (see megamt.eval.report).
     """
     config = config if config is not None else getattr(model, "config", None)
     if not isinstance(config, MultitaskConfig):
@@ -242,6 +244,7 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
     ecfg = config.eval
     max_new_tokens = max_new_tokens or ecfg.max_new_tokens
     batch_size = batch_size or ecfg.batch_size
+    all_templates = ecfg.all_templates if all_templates is None else bool(all_templates)
     family, module = model_family(model)
     if tokenizer is None:
         from megamt.data.tokenize import load_tokenizer
@@ -260,18 +263,23 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
             examples = _read(et)
             mine = list(range(rank, len(examples), world))
             if family == "encoder":
-                local, template = _predict_encoder(module, tokenizer, config, et, examples, mine, batch_size, progress)
+                runs = [_predict_encoder(module, tokenizer, config, et, examples, mine, batch_size, progress)]
             else:
-                local, template = _predict_causal(module, tokenizer, config, et, examples, mine, batch_size,
-                                                  max_new_tokens, progress)
-            gathered = _gather(local, world)
-            entry: dict[str, Any] = {"task_type": et.task.task_type, "split": et.split, "template": template,
+                templates = _templates(et, examples[0]) if all_templates else [None]
+                runs = [_predict_causal(module, tokenizer, config, et, examples, mine, batch_size, max_new_tokens,
+                                        progress, tpl=tpl) for tpl in templates]
+            gathered = [(_gather(local, world), template) for local, template in runs]
+            entry: dict[str, Any] = {"task_type": et.task.task_type, "split": et.split, "template": runs[0][1],
                                      "zero_shot": bool(et.task.zero_shot or et.name in zero_shot)}
             if rank == 0:
-                entry.update(_score(et, examples, gathered))
+                scored = [_score(et, examples, g) for g, _ in gathered]
+                entry.update(scored[0])
+                if len(scored) > 1:
+                    entry.update(_over_templates(scored, [t for _, t in gathered]))
                 entry["seconds"] = round(time.perf_counter() - t0, 3)
                 if out_dir is not None and write_predictions:
-                    _write_predictions(Path(out_dir), et.name, examples, gathered)
+                    for k, (g, template) in enumerate(gathered):
+                        _write_predictions(Path(out_dir), et.name if k == 0 else f"{et.name}.{template}", examples, g)
             results["tasks"][et.name] = entry
     finally:
         module.train(was_training)
@@ -343,21 +351,32 @@ def _dataset_input(task_name: str, test_dataset, out_dir) -> InputConfig:
 
 
 def _template(et: EvalTask, example) -> Any:
-    from megamt.data.templates import REGISTRY, Template, resolve_templates
+    return _templates(et, example)[0]
+
+
+def _templates(et: EvalTask, example) -> list:
+    """The templates that fit the task (the configured one alone when ``template`` is set)."""
+    from megamt.data.templates import resolve_templates
 
     if et.template:
-        if et.template in REGISTRY:
-            return REGISTRY[et.template]
-        if "{" not in et.template:
-            raise EvalError(f"tasks.{et.name}.template: {et.template!r} is neither a registered template "
-                            f"nor an inline one with {{slots}}")
-        prompt, _, target = et.template.partition("|||")
-        return Template("eval_inline", et.task.task_type, prompt.strip() + "\n", target.strip() or "{answer}")
+        return [_named_template(et)]
     templates = resolve_templates(et.task)
     if et.task.task_type == "classification":
         pair = "text_pair" in example.fields
         templates = [t for t in templates if ("text_pair" in t.slots) == pair] or templates
-    return templates[0]
+    return templates
+
+
+def _named_template(et: EvalTask) -> Any:
+    from megamt.data.templates import REGISTRY, Template
+
+    if et.template in REGISTRY:
+        return REGISTRY[et.template]
+    if "{" not in et.template:
+        raise EvalError(f"tasks.{et.name}.template: {et.template!r} is neither a registered template "
+                        f"nor an inline one with {{slots}}")
+    prompt, _, target = et.template.partition("|||")
+    return Template("eval_inline", et.task.task_type, prompt.strip() + "\n", target.strip() or "{answer}")
 
 
 def _encode_text(tok, text: str, bos: int | None) -> list[int]:
@@ -365,7 +384,7 @@ def _encode_text(tok, text: str, bos: int | None) -> list[int]:
     return ([bos] if bos is not None else []) + ids
 
 
-def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, max_new_tokens, progress):
+def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, max_new_tokens, progress, tpl=None):
     from megamt.data.formats import Example, resolve_labels
     from megamt.data.templates import render
     from megamt.data.tokenize import special_ids
@@ -374,7 +393,8 @@ def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, m
     ids = special_ids(tok)
     ttype = et.task.task_type
     labels = resolve_labels(et.name, et.task)
-    tpl = _template(et, examples[0])
+    label = f"eval {et.name}" + (f" [{tpl.name}]" if tpl is not None else "")
+    tpl = tpl or _template(et, examples[0])
     rng = random.Random(0)  # unused: a single template is always chosen
     prompts, choices = [], []
     for i in mine:
@@ -388,7 +408,7 @@ def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, m
                                       et.task, rng, labels=labels, templates=[tpl])
                 opts.append(tok(target, add_special_tokens=False)["input_ids"] + [ids["eos"]])
             choices.append(opts)
-    bar = _bar(len(mine), f"eval {et.name}", progress)
+    bar = _bar(len(mine), label, progress)
     local = []
     if ttype == "classification":
         picks = rank_classify(lm, prompts, choices, pad_id=ids["pad"], batch_size=batch_size,
@@ -561,6 +581,21 @@ def _score(et: EvalTask, examples, gathered) -> dict:
     values = M.compute_metrics(ttype, refs, preds, et.metrics or None)
     return {"metrics": values, "n_examples": len(examples),
             "cut_generations": sum(not s for _, s in by_index.values())}
+
+
+def _over_templates(scored: list[dict], names: list[str]) -> dict:
+    """``eval.all_templates``: every template's metrics, their mean as ``metrics`` and the
+    spread (population std, min, max) per metric."""
+    per = {name: s["metrics"] for name, s in zip(names, scored)}
+    mean, spread = {}, {}
+    for m in scored[0]["metrics"]:
+        vals = [s["metrics"][m] for s in scored]
+        mu = sum(vals) / len(vals)
+        mean[m] = mu
+        spread[m] = {"std": math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)), "min": min(vals), "max": max(vals)}
+    return {"metrics": mean, "per_template": per, "template_spread": spread,
+            "template": f"mean of {len(names)} templates", "first_template": names[0],
+            "cut_generations": sum(s["cut_generations"] for s in scored)}
 
 
 def _entity_types(et: EvalTask) -> list[str]:

@@ -9,6 +9,7 @@ EVAL_SPEC (YAML; every key optional)::
     max_examples: 200          # per task, the first ones
     max_new_tokens: 64         # bound on greedy generation
     batch_size: 8
+    all_templates: false       # causal LMs: every fitting prompt template, mean ± std (--all-templates)
     tokenizer: path/to/tok     # default: the one saved with the model, else data.tokenizer
     supervised: sup/eval.json  # zero-shot tasks get the supervised score and the ratio
     tasks:                     # default: every task of the model's config with the split
@@ -33,7 +34,8 @@ import os
 import sys
 from pathlib import Path
 
-SPEC_KEYS = {"split", "max_examples", "max_new_tokens", "batch_size", "tokenizer", "supervised", "tasks"}
+SPEC_KEYS = {"split", "max_examples", "max_new_tokens", "batch_size", "tokenizer", "supervised", "tasks",
+             "all_templates"}
 
 
 def load_eval_spec(path: str | Path) -> dict:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-examples", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--all-templates", action="store_true",
+                    help="causal LMs: score every fitting prompt template; report each and mean ± std")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                  max_examples=args.max_examples or spec.get("max_examples"),
                  max_new_tokens=args.max_new_tokens or spec.get("max_new_tokens"),
                  batch_size=args.batch_size or spec.get("batch_size"),
-                 supervised=spec.get("supervised"), out_dir=out, progress=not args.no_progress)
+                 supervised=spec.get("supervised"), out_dir=out, progress=not args.no_progress,
+                 all_templates=True if args.all_templates else spec.get("all_templates"))
     except (EvalError, MetricError, DataError, ConfigError, HeadConfigError, FileNotFoundError) as e:
         print(f"megamt eval: {e}", file=sys.stderr)
         return 2

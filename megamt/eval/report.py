@@ -10,6 +10,11 @@
 
 The Markdown table has one row per task: its primary metric first, then the others,
 and for zero-shot tasks the supervised score of the same task and the ratio.
+
+With ``eval.all_templates`` a task's entry also holds ``per_template`` ({template:
+metrics}) and ``template_spread`` ({metric: {std, min, max}}); ``metrics`` is the mean over
+templates, shown as ``mean ± std`` with the range in the table, and TensorBoard gets
+``eval/<task>/<metric>_template_std`` beside the mean.
 """
 
 from __future__ import annotations
@@ -43,8 +48,13 @@ def markdown_table(results: dict) -> str:
         others = ", ".join(f"{m} {_fmt(mets[m])}" for m in order[1:])
         sup = e.get("supervised", {}).get(primary)
         ratio = e.get("ratio", {}).get(primary)
-        lines.append(f"| {name} | {e['task_type']} | {e['split']} | {e.get('n_examples', '–')} | {e['template']} | "
-                     f"{primary} | {_fmt(mets[primary])} | {others or '–'} | {e.get('cut_generations', 0)} | "
+        score, template = _fmt(mets[primary]), e["template"]
+        spread = e.get("template_spread", {}).get(primary)
+        if spread is not None:
+            score += f" ± {_fmt(spread['std'])}"
+            template += f" ({primary} {_fmt(spread['min'])}–{_fmt(spread['max'])})"
+        lines.append(f"| {name} | {e['task_type']} | {e['split']} | {e.get('n_examples', '–')} | {template} | "
+                     f"{primary} | {score} | {others or '–'} | {e.get('cut_generations', 0)} | "
                      f"{'yes' if e.get('zero_shot') else 'no'} | {_fmt(sup)} | "
                      f"{'–' if ratio is None else _fmt(ratio)} |")
     return "\n".join(lines) + "\n"
@@ -75,6 +85,9 @@ def log_eval(writer, step: int, results: dict) -> int:
     for task, e in results.get("tasks", {}).items():
         for metric, value in e.get("metrics", {}).items():
             writer.add_scalar(f"eval/{task}/{metric}", float(value), step)
+            n += 1
+        for metric, spread in e.get("template_spread", {}).items():
+            writer.add_scalar(f"eval/{task}/{metric}_template_std", float(spread["std"]), step)
             n += 1
         for metric, value in e.get("ratio", {}).items():
             writer.add_scalar(f"eval/{task}/{metric}_zero_shot_ratio", float(value), step)

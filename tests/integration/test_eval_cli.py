@@ -90,3 +90,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_eval_cli_all_templates(saved):
+    from megamt.eval.evaluate import main
+
+    spec = saved / "tpl.yaml"
+    spec.write_text(yaml.safe_dump({"max_examples": 3, "max_new_tokens": 2, "tasks": ["sentiment", "qa"]}))
+    assert main([str(saved / "model"), str(spec), "--out", str(saved / "tpl"), "--no-progress",
+                 "--all-templates"]) == 0
+    res = json.loads((saved / "tpl" / "eval.json").read_text())
+    for name in ("sentiment", "qa"):
+        e = res["tasks"][name]
+        assert len(e["per_template"]) >= 2 and e["template"] == f"mean of {len(e['per_template'])} templates"
+    spec.write_text(yaml.safe_dump({"max_examples": 3, "tasks": ["sentiment"], "all_templates": True}))
+    assert main([str(saved / "model"), str(spec), "--out", str(saved / "tpl2"), "--no-progress"]) == 0
+    assert "per_template" in json.loads((saved / "tpl2" / "eval.json").read_text())["tasks"]["sentiment"]

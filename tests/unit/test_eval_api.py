@@ -185,3 +185,39 @@ def test_encoder_qa_windows_find_the_same_span_as_one_long_window(demo, encoder,
     assert all(p and p in e.fields["context"] for p, e in zip(whole, examples))
     # stride 0: the first window only (truncated): the best span of the whole context is not always in it
     assert run(short, 0) != whole
+
+
+def test_all_templates_reports_each_and_the_mean(demo, causal, tmp_path):
+    from megamt.eval.report import log_eval
+
+    res = api.evaluate(causal, ["sentiment", "qa"], max_examples=4, max_new_tokens=3, out_dir=tmp_path,
+                       progress=False, all_templates=True)
+    one = api.evaluate(causal, ["sentiment", "qa"], max_examples=4, max_new_tokens=3, progress=False)
+    for name in ("sentiment", "qa"):
+        e = res["tasks"][name]
+        per = e["per_template"]
+        assert len(per) >= 2, per  # the task type's built-in templates
+        # the first template's metrics are the single-template evaluation's
+        assert per[e["first_template"]] == one["tasks"][name]["metrics"]
+        assert e["first_template"] == one["tasks"][name]["template"]
+        for m, mean in e["metrics"].items():
+            vals = [v[m] for v in per.values()]
+            assert mean == pytest.approx(sum(vals) / len(vals))
+            sp = e["template_spread"][m]
+            assert sp["min"] == min(vals) and sp["max"] == max(vals) and sp["std"] >= 0
+        for tpl in list(per)[1:]:  # every template's predictions are written
+            assert (tmp_path / "predictions" / f"{name}.{tpl}.jsonl").is_file()
+    assert " ± " in (tmp_path / "eval.md").read_text()
+
+    class Writer:
+        tags: list = []
+
+        def add_scalar(self, tag, value, step):
+            self.tags.append(tag)
+
+        def flush(self):
+            pass
+
+    w = Writer()
+    log_eval(w, 1, res)
+    assert "eval/sentiment/accuracy_template_std" in w.tags and "eval/sentiment/accuracy" in w.tags
