@@ -20,6 +20,15 @@ in the same format, but only once the checkpoint is complete, so ``zero_to_fp32.
 
 State keys are constant (``STATE_KEYS``) and every value is a plain type or a tensor, so
 ``torch.load(..., weights_only=True)`` reads it back.
+
+Elastic resume (another number of ranks than the checkpoint's): rank 0 converts the
+checkpoint once into a DeepSpeed universal checkpoint under ``step_N/universal/``
+(``python -m deepspeed.checkpoint.ds_to_universal``, written to ``universal.partial`` and
+renamed), every rank loads it with DeepSpeed's ``load_universal`` switched on for that call
+(``engine._config.load_universal_checkpoint``, read only by ``load_checkpoint``; checked in
+deepspeed 0.19.8), and gets rank 0's megamt state (step, balancer, surgery: identical on
+every rank) without the per-rank pipeline and RNG states (``elastic_from`` = the old world
+size): the trainer restarts the data streams reshuffled.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 
 LATEST = "latest"
 PARTIAL = ".partial"
+UNIVERSAL = "universal"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "megamt_state_rank{rank}.pt"
 STATE_KEYS = ("step", "world_size", "pipeline", "rng", "balancer", "extra")
@@ -148,23 +158,64 @@ class CheckpointManager:
             shutil.rmtree(self.dir / t, ignore_errors=True)
         return removed
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
-        """Restore the engine (weights, optimizer, scheduler) and return this rank's megamt state."""
+    def load(self, engine, tag: str, elastic: bool = False) -> dict[str, Any]:
+        """Restore the engine (weights, optimizer, scheduler) and return this rank's megamt
+        state; with ``elastic``, also from a checkpoint of another world size (see the module
+        docstring: the returned state then has ``elastic_from`` and no pipeline / RNG state)."""
         path = self.dir / tag
-        state_file = path / STATE_FILE.format(rank=self.rank)
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{state_file}: missing. The checkpoint {path} was written by "
-                                    f"{len(list(path.glob('megamt_state_rank*.pt')))} ranks; resume with the same "
-                                    f"number of ranks ({self.world_size} now)")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        if state["world_size"] != self.world_size:
-            raise RuntimeError(f"{path}: written by {state['world_size']} ranks, resumed with {self.world_size}; "
-                               f"the data pipeline state is per rank, resume with {state['world_size']} ranks")
-        load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        state0_file = path / STATE_FILE.format(rank=0)
+        if not state0_file.is_file():
+            raise FileNotFoundError(f"{state0_file}: missing; {path} is not a complete megamt checkpoint")
+        written = int(torch.load(state0_file, map_location="cpu", weights_only=True)["world_size"])
+        if written == self.world_size:
+            state_file = path / STATE_FILE.format(rank=self.rank)
+            if not state_file.is_file():
+                raise FileNotFoundError(f"{state_file}: missing; the checkpoint {path} is incomplete")
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
+            return state
+        if not elastic:
+            raise RuntimeError(f"{path}: written by {written} ranks, resumed with {self.world_size}; resume with "
+                               f"{written} ranks, or set train.elastic_resume=true (weights and optimizer through a "
+                               f"DeepSpeed universal checkpoint, data streams reshuffled)")
+        universal = path / UNIVERSAL
+        if self.rank == 0 and not (universal / "zero").is_dir():
+            convert_to_universal(path, universal)
+        self.barrier()
+        config = engine._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            config.load_universal_checkpoint = before
         if load_path is None:
-            raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
+            raise RuntimeError(f"{universal}: DeepSpeed could not load this universal checkpoint")
+        state = torch.load(state0_file, map_location="cpu", weights_only=True)
+        state["pipeline"], state["rng"], state["elastic_from"] = None, None, written
         return state
+
+
+def convert_to_universal(path: Path, out: Path) -> Path:
+    """DeepSpeed's ``ds_to_universal`` on checkpoint folder ``path`` into ``out`` (atomic)."""
+    import subprocess
+    import sys
+
+    tmp = out.with_name(out.name + PARTIAL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"elastic resume: converting {path} into a DeepSpeed universal checkpoint ({out})", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not (tmp / "zero").is_dir():
+        raise RuntimeError(f"{path}: conversion to a DeepSpeed universal checkpoint failed (exit {proc.returncode}):\n"
+                           + (proc.stdout[-2000:] + proc.stderr[-2000:]).strip())
+    os.replace(tmp, out)
+    return out
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

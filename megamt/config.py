@@ -295,6 +295,11 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
+    elastic_resume: bool = True
+    """Resume a checkpoint written by another number of ranks: weights, optimizer and
+    scheduler through a DeepSpeed universal checkpoint (converted once, inside the
+    checkpoint folder); the data streams restart reshuffled, so the examples after the
+    checkpoint differ from an uninterrupted run's (said at start-up). False: refuse."""
     max_nonfinite_steps: int = 5
     """Consecutive non-finite steps before the run stops."""
     stop_at_step: int = 0

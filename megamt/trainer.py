@@ -22,11 +22,13 @@ d(sum_t w_t * mean_t)/d(theta) with means over the global batch.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import time
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from megamt.checkpoint import CheckpointManager, json_text, rng_state, set_rng_state
@@ -166,6 +169,7 @@ class MultitaskTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         self.device = self.engine.device
+        self._own_pipeline = pipeline is None
         self.pipeline = pipeline if pipeline is not None else self.build_pipeline()
         self.eval_batches = eval_batches
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.tcfg.keep_last, self.rank,
@@ -210,10 +214,10 @@ class MultitaskTrainer:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: keep a reference
         return MultitaskModel(self.cfg)
 
-    def build_pipeline(self):
+    def build_pipeline(self, config: MultitaskConfig | None = None):
         from megamt.data.pipeline import TrainPipeline
 
-        return TrainPipeline(self.cfg, self.rank, self.world_size)
+        return TrainPipeline(config or self.cfg, self.rank, self.world_size)
 
     # ----------------------------------------------------------------- derived numbers
     def derived(self) -> dict[str, Any]:
@@ -558,17 +562,42 @@ class MultitaskTrainer:
                 print(f"WARNING {self.checkpoints.dir} has checkpoint {tag}; starting fresh (--no-resume); "
                       f"new checkpoints replace it")
             return
-        state = self.checkpoints.load(self.engine, tag)
+        state = self.checkpoints.load(self.engine, tag, elastic=self.tcfg.elastic_resume)
         self.step = int(state["step"])
-        self.pipeline.load_state_dict(state["pipeline"])
+        if state.get("elastic_from"):
+            self.resume_elastic(tag, int(state["elastic_from"]))
+        else:
+            self.pipeline.load_state_dict(state["pipeline"])
+            set_rng_state(state["rng"])
         if state.get("balancer") is not None:
             self.balancer.load_state_dict(state["balancer"])
         if self.surgery is not None and state.get("surgery") is not None:
             self.surgery.load_state_dict(state["surgery"])
         self.consecutive_nonfinite = int((state.get("extra") or {}).get("consecutive_nonfinite", 0))
-        set_rng_state(state["rng"])
         if self.rank == 0:
             print(f"resumed from {self.checkpoints.dir / tag} at step {self.step}", flush=True)
+
+    def resume_elastic(self, tag: str, old_world: int) -> None:
+        """After loading a checkpoint of ``old_world`` ranks into this world: new data streams
+        (the per-rank stream positions do not map onto other ranks), reshuffled with a seed
+        offset by the step so they do not replay the run's first batches, and new RNG seeds."""
+        seed = self.cfg.data.seed + self.step
+        if self._own_pipeline:
+            cfg = copy.deepcopy(self.cfg)
+            cfg.data.seed = seed
+            self.pipeline = self.build_pipeline(cfg)
+        torch.manual_seed(self.tcfg.seed + 1000003 * self.step + self.rank)
+        random.seed(self.tcfg.seed + self.step + self.rank)
+        np.random.seed((self.tcfg.seed + self.step + self.rank) % 2**32)
+        if self.rank == 0:
+            was = self.cfg.train.tokens_per_step(self.cfg.data.seq_len, old_world)
+            print(f"WARNING elastic resume: {self.checkpoints.dir / tag} was written by {old_world} rank(s), this run "
+                  f"has {self.world_size}. Weights, optimizer and learning-rate schedule come from a DeepSpeed "
+                  f"universal checkpoint; the data streams restart reshuffled (data.seed + step = {seed})"
+                  + ("" if self._own_pipeline else " -- a pipeline passed to the trainer is used as it is")
+                  + f", so the examples after step {self.step} differ from an uninterrupted run's. Tokens per step: "
+                  f"{was:,} before, {self.cfg.train.tokens_per_step(self.cfg.data.seq_len, self.world_size):,} now.",
+                  flush=True)
 
     # ----------------------------------------------------------------- signals
     def install_signal_handlers(self) -> None:

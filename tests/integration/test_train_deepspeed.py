@@ -34,10 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, run_dir: Path, *extra: str, env: dict | None = None, session: bool = False):
+def launch(config: Path, run_dir: Path, *extra: str, env: dict | None = None, session: bool = False, gpus: int = 2):
     """Start `deepspeed --num_gpus 2 --module megamt.train` (output to run_dir.log)."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "megamt.train",
+    cmd = [str(deepspeed), "--num_gpus", str(gpus), "--master_port", str(_free_port()), "--module", "megamt.train",
            str(config), f"train.run_dir={run_dir}", *TRAIN, *extra]
     log = open(str(run_dir) + ".log", "a")
 
