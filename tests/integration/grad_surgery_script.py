@@ -55,11 +55,11 @@ def task_batch(task, rank, step):
     return x, x @ A_t
 
 
-def ds_config(offload, persistent=False, stage=3, bf16=False, clip=0.0):
+def ds_config(offload, persistent=False, stage=3, bf16=False, clip=0.0, contiguous=True, overlap=True):
     # threshold 0: every parameter is partitioned; the default (1e5) keeps these tiny ones
     # whole on every rank ("persistent"), while their gradients are still partitioned.
     # A 64-element bucket: several reductions per backward, parameters split across ranks.
-    zero = {"stage": stage, "overlap_comm": True, "reduce_bucket_size": 64, "contiguous_gradients": True}
+    zero = {"stage": stage, "overlap_comm": overlap, "reduce_bucket_size": 64, "contiguous_gradients": contiguous}
     if stage == 3 and not persistent:
         zero["stage3_param_persistence_threshold"] = 0
     if offload:
@@ -88,12 +88,13 @@ def reference_direction(method, grads, step, rho):
     raise ValueError(method)
 
 
-def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3, bf16=False, clip=0.0):
+def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3, bf16=False, clip=0.0,
+        contiguous=True, overlap=True):
     torch.manual_seed(0)
     model = TinyMLP()
     ref = copy.deepcopy(model).double()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                      config=ds_config(offload, persistent, stage, bf16, clip))
+                                      config=ds_config(offload, persistent, stage, bf16, clip, contiguous, overlap))
     gcfg = GradientConfig(method=method, seed=SEED, cagrad_c=0.5, gradvac_beta=0.5)
     surgery = GradientSurgery(engine, gcfg, [f"task{t}" for t in range(T)], flat_fast_path=flat)
     rho = np.zeros((T, T))
@@ -169,7 +170,11 @@ def main():
              "z1_pcgrad": dict(method="pcgrad", stage=1), "z1_aligned_mtl": dict(method="aligned_mtl", stage=1),
              "z2_pcgrad_offload_clip": dict(method="pcgrad", stage=2, offload=True, clip=0.05),
              "z1_gradvac_offload": dict(method="gradvac", stage=1, offload=True),
-             "z2_pcgrad_bf16": dict(method="pcgrad", stage=2, bf16=True)}
+             "z2_pcgrad_bf16": dict(method="pcgrad", stage=2, bf16=True),
+             # the other reduction modes of ZeRO-1/2
+             "z2_mgda_nocontig": dict(method="mgda", stage=2, contiguous=False),
+             "z2_pcgrad_nooverlap": dict(method="pcgrad", stage=2, overlap=False),
+             "z1_cagrad_nocontig_nooverlap": dict(method="cagrad", stage=1, contiguous=False, overlap=False)}
     for name, kw in cases.items():
         try:
             results[name] = run(kw.pop("method"), world, rank, **kw)

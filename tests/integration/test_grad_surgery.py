@@ -16,7 +16,8 @@ SCRIPT = Path(__file__).with_name("grad_surgery_script.py")
 METHODS = ["sum", "pcgrad", "cagrad", "mgda", "aligned_mtl", "gradvac", "pcgrad_per_param", "pcgrad_offload",
            "mgda_persistent"]
 ZERO12 = ["z2_sum", "z2_pcgrad", "z2_mgda", "z2_cagrad_clip", "z1_pcgrad", "z1_aligned_mtl", "z2_pcgrad_offload_clip",
-          "z1_gradvac_offload", "z2_pcgrad_bf16"]
+          "z1_gradvac_offload", "z2_pcgrad_bf16", "z2_mgda_nocontig", "z2_pcgrad_nooverlap",
+          "z1_cagrad_nocontig_nooverlap"]
 
 
 @pytest.fixture(scope="module")
