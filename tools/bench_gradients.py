@@ -13,6 +13,11 @@ with ``--stage 1|2``, ZeRO-1/2; 2 ranks, gloo) with a tiny Llama and, for T = 2,
 GPU part (CUDA only, else prints ``skipped: no CUDA``): Triton Gram and combine kernels
 vs the measured device-to-device copy bandwidth, T up to 16, 1e8 to 1e9 elements.
 
+``--repnorm``: GradNorm's per-task norms at the shared representation
+(``megamt.gradients.representation``) on plain mixed steps: forward + backward of one packed
+micro-batch of the same tiny Llama (one process, one thread) with the collector on vs off,
+interleaved, median of ``--repnorm-reps`` each.
+
 Usage: ``python tools/bench_gradients.py [--steps 3] [--tasks 2 4 8] [--stage 3]``. The last line
 printed is one JSON object with every number.
 """
@@ -197,6 +202,56 @@ def gpu_bench(max_elems: float) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- representation norms
+
+
+def repnorm_bench(reps: int, rows: int = 4, seq: int = 512, tasks: int = 6) -> dict:
+    import torch
+
+    from megamt.config import ModelConfig, MultitaskConfig, TaskConfig
+    from megamt.gradients.representation import RepresentationGradNorms
+    from megamt.model import MultitaskModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    fc = {k: v for k, v in MODEL.items()}
+    fc["max_position_embeddings"] = seq
+    cfg = MultitaskConfig(tasks={f"t{i}": TaskConfig() for i in range(tasks)},
+                          model=ModelConfig(from_config=fc, attn_implementation="sdpa"))
+    model = MultitaskModel(cfg).train()
+    collector = RepresentationGradNorms(tasks)
+    model.track_representation_grad_norms(collector)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, fc["vocab_size"], (rows, seq), generator=gen)
+    # examples of 64 tokens, task ids round robin, positions restarting per example
+    pos = torch.arange(seq).remainder(64).repeat(rows, 1)
+    task_ids = (torch.arange(rows * seq).view(rows, seq) // 64).remainder(tasks)
+    labels = ids.roll(-1, 1)
+    labels[pos == 63] = -100
+    batch = {"input_ids": ids, "position_ids": pos, "task_ids": task_ids, "labels": labels}
+
+    def step(on: bool) -> float:
+        collector.enabled = on
+        t0 = time.perf_counter()
+        out = model(batch)
+        (out.loss_sum / out.count.clamp_min(1)).sum().backward()
+        if on:
+            collector.take(1)
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step(True), step(False)  # warm-up
+    on, off = [], []
+    for _ in range(reps):
+        on.append(step(True))
+        off.append(step(False))
+    res = {"rows": rows, "seq_len": seq, "tasks": tasks, "fused_loss": bool(model.fused_loss),
+           "off_s": round(statistics.median(off), 4), "on_s": round(statistics.median(on), 4)}
+    res["ratio"] = round(res["on_s"] / res["off_s"], 4)
+    print("repnorm " + " ".join(f"{k}={v}" for k, v in res.items()), flush=True)
+    return res
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -210,11 +265,17 @@ def main():
     ap.add_argument("--stage", type=int, choices=[1, 2, 3], default=3, help="DeepSpeed ZeRO stage of the CPU part")
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU kernel part")
     ap.add_argument("--gpu-max-elems", type=float, default=1e9)
+    ap.add_argument("--repnorm", action="store_true", help="only the representation-norm overhead (one process)")
+    ap.add_argument("--repnorm-reps", type=int, default=15)
     args = ap.parse_args()
     if args.worker:
         return _worker(args)
 
     report = {"machine": os.environ.get("BENCH_MACHINE", "2-core CPU, 24 GiB"), "omp_num_threads_per_rank": 1}
+    if args.repnorm:
+        report["repnorm"] = repnorm_bench(args.repnorm_reps)
+        print(json.dumps(report))
+        return
     if not args.skip_cpu:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "cpu.json"
