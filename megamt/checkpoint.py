@@ -4,7 +4,8 @@ Layout under ``<run_dir>/checkpoints/``::
 
     latest                      # the tag of the newest *complete* checkpoint (plain text)
     step_00000100/              # DeepSpeed's files (model states, ZeRO partitions) +
-        megamt_state_rank0.pt   #   per rank: step, data pipeline state, RNG states, balancer
+        megamt_state_rank0.pt   #   per rank: step, data pipeline state, RNG states, balancer,
+                                #   gradient-method state (PCGrad step, GradVac targets)
         megamt_config.yaml      #   the resolved megamt config
         ds_config.json          #   the resolved DeepSpeed config
         derived.json            #   derived numbers (tokens per step ...)
@@ -49,7 +50,7 @@ PARTIAL = ".partial"
 UNIVERSAL = "universal"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "megamt_state_rank{rank}.pt"
-STATE_KEYS = ("step", "world_size", "pipeline", "rng", "balancer", "extra")
+STATE_KEYS = ("step", "world_size", "pipeline", "rng", "balancer", "surgery", "extra")
 
 
 def tag_for(step: int) -> str:

@@ -47,6 +47,28 @@ def test_save_prune_latest_and_load(tmp_path):
     assert engine.loaded == "step_00000009" and state["step"] == 9 and state["pipeline"] == {"drawn": 9}
 
 
+def test_every_part_of_the_trainer_state_round_trips(tmp_path):
+    """Each key the trainer saves comes back (a key missing from STATE_KEYS would be dropped
+    silently): balancer, gradient-method state (GradVac's EMA targets), extra."""
+    from megamt.gradients.methods import build_method
+
+    gradvac = build_method("gradvac", 3, gradvac_beta=0.5, seed=1)
+    G = torch.tensor([[1.0, -0.5, 0.2], [-0.5, 2.0, 0.1], [0.2, 0.1, 1.5]], dtype=torch.float64)
+    gradvac.coefficients(G, tasks=[0, 1, 2])
+    rank_state = {"pipeline": {"drawn": 1}, "rng": rng_state(), "balancer": {"name": "dwa", "w": torch.ones(3)},
+                  "surgery": {"method": gradvac.state_dict()}, "extra": {"consecutive_nonfinite": 2}}
+    mgr = CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1, barrier=lambda: None)
+    mgr.save(FakeEngine(), 4, rank_state, {})
+    state = mgr.load(FakeEngine(), "step_00000004")
+    for key, value in rank_state.items():
+        if key != "rng":
+            assert key in state, key
+    fresh = build_method("gradvac", 3, gradvac_beta=0.5, seed=1)
+    fresh.load_state_dict(state["surgery"]["method"])
+    assert fresh.step == gradvac.step == 1 and np.array_equal(fresh.rho_hat, gradvac.rho_hat)
+    assert state["extra"] == {"consecutive_nonfinite": 2} and torch.equal(state["balancer"]["w"], torch.ones(3))
+
+
 def test_a_crashed_save_leaves_the_previous_latest(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1, barrier=lambda: None)
     mgr.save(FakeEngine(), 5, {"rng": rng_state()}, {})
