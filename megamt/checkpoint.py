@@ -210,7 +210,10 @@ def convert_to_universal(path: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"elastic resume: converting {path} into a DeepSpeed universal checkpoint ({out})", flush=True)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-                           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                           # ZeRO-1/2 checkpoints of a plain (no tensor-parallel) model carry no
+                           # universal_checkpoint_info: the default one (version only) is right for them
+                           "--inject_missing_state"],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not (tmp / "zero").is_dir():
         raise RuntimeError(f"{path}: conversion to a DeepSpeed universal checkpoint failed (exit {proc.returncode}):\n"

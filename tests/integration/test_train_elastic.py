@@ -1,5 +1,5 @@
-"""Elastic resume: a checkpoint of 2 ZeRO-3 ranks resumed by 1 rank and back by 2, through
-DeepSpeed universal checkpoints (real launcher, CPU, demo corpus).
+"""Elastic resume: a checkpoint of 2 ZeRO-3 ranks resumed by 1 rank and back by 2 (and a
+ZeRO-2 one by 1 rank), through DeepSpeed universal checkpoints (real launcher, CPU, demo corpus).
 
 The weights must come back exactly: a 1-rank run resumed at the checkpoint's own step
 (no training step) evaluates the whole validation split to the losses the 2-rank run
@@ -67,3 +67,17 @@ def test_shrink_and_grow(demo):
         assert math.isfinite(steps[s]["train/loss"]) and steps[s]["train/lr"] > 0, steps[s]
     assert "was written by 1 rank(s), this run has 2" in log_text(run_dir)
     assert _last_eval(run_dir)["step"] == 8
+
+
+def test_zero2_shrink_exact_weights(demo):
+    """ZeRO-2 checkpoints carry no universal_checkpoint_info; the conversion injects the
+    default one, and the weights come back exactly on 1 rank."""
+    out, config = demo
+    run_dir = out / "run_zero2"
+    _run(config, run_dir, 2, "train.max_steps=3", "train.ds_config=zero2")
+    two = _last_eval(run_dir)
+    _run(config, run_dir, 1, "train.max_steps=3", "train.ds_config=zero2")
+    one = _last_eval(run_dir)
+    assert one["step"] == two["step"] == 3 and "was written by 2 rank(s), this run has 1" in log_text(run_dir)
+    for t in TASKS:
+        assert one["eval"][t] == pytest.approx(two["eval"][t], rel=1e-5), t
