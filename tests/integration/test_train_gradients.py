@@ -119,3 +119,14 @@ def test_mgda_under_zero2(demo):
     lrs = [steps[s]["train/lr"] for s in range(1, STEPS + 1)]
     assert lrs[0] == 0.0 < lrs[1] < lrs[2] and lrs[-1] < lrs[2], lrs
     assert steps[STEPS]["train/loss/sentiment"] < steps[1]["train/loss/sentiment"]
+
+
+def test_gradvac_under_zero3_cpu_offload(demo):
+    # the offloaded optimizer's gradient buffers: the combined partitions reach the CPU Adam step
+    run_dir = _run(demo, "offload", "train.ds_config=zero3_offload", "gradients.method=gradvac")
+    steps = step_losses(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert '"offload_optimizer"' in log_text(run_dir)
+    for r in steps.values():
+        assert math.isfinite(r["train/loss"]) and "grad/conflicts" in r and math.isfinite(r["train/grad_norm"])
+    assert steps[STEPS]["train/loss/sentiment"] < steps[1]["train/loss/sentiment"]
