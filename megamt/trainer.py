@@ -112,7 +112,31 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
     # A finite timeout: a dead peer must end the job, not hang it (FIELD_NOTES: NCCL waits
     # up to the process-group timeout; gloo fails at the next collective).
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+    rank = torch.distributed.get_rank()
+    release_cpu_shm_at_exit(rank)
+    return rank, torch.distributed.get_world_size(), local_rank
+
+
+def release_cpu_shm_at_exit(rank: int) -> None:
+    """On CPU ranks DeepSpeed's shared-memory all-reduce (``deepspeed_shm_comm_op``) creates a
+    66 MB file per rank in /dev/shm, named by user, MASTER_ADDR, MASTER_PORT and rank, and
+    never removes it: every launch on a new port leaves them behind (/dev/shm is RAM; a test
+    suite or a day of runs filled 20 GB here). Remove this rank's file at exit; the other
+    ranks have mapped it long before then, and unlinking keeps their mappings valid."""
+    if torch.cuda.is_available():
+        return
+    import atexit
+
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+    def unlink() -> None:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+    atexit.register(unlink)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ def _worker(args) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ["RANK"])
+    from megamt.trainer import release_cpu_shm_at_exit
+
+    release_cpu_shm_at_exit(rank)
     torch.manual_seed(0)
 
     def engine_for(gas, rows):

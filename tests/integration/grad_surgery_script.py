@@ -158,6 +158,9 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
+    from megamt.trainer import release_cpu_shm_at_exit
+
+    release_cpu_shm_at_exit(rank)  # DeepSpeed's CPU all-reduce buffer in /dev/shm
     results = {}
     for method in ["sum", "pcgrad", "cagrad", "mgda", "aligned_mtl", "gradvac"]:
         results[method] = run(method, world, rank)

@@ -65,6 +65,9 @@ def worker(out_path: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    from megamt.trainer import release_cpu_shm_at_exit
+
+    release_cpu_shm_at_exit(rank)
     vocab, T = 97, 3
 
     def run(fused: bool, tie: bool):
