@@ -6,6 +6,10 @@ PY     := $(VENV)/bin/python
 # (see README) and run `make install TORCH=` to keep it.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds its CPU ops (CPU Adam, the shared-memory all-reduce) against this venv's
+# torch: keep the builds (and their lock files) with the venv, not in the user-wide
+# ~/.cache/torch_extensions that every other checkout on the machine shares
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install demo test test-fast bench clean
 

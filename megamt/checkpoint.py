@@ -167,12 +167,13 @@ class CheckpointManager:
         state0_file = path / STATE_FILE.format(rank=0)
         if not state0_file.is_file():
             raise FileNotFoundError(f"{state0_file}: missing; {path} is not a complete megamt checkpoint")
-        written = int(torch.load(state0_file, map_location="cpu", weights_only=True)["world_size"])
+        state0 = torch.load(state0_file, map_location="cpu", weights_only=True)
+        written = int(state0["world_size"])
         if written == self.world_size:
             state_file = path / STATE_FILE.format(rank=self.rank)
             if not state_file.is_file():
                 raise FileNotFoundError(f"{state_file}: missing; the checkpoint {path} is incomplete")
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            state = state0 if self.rank == 0 else torch.load(state_file, map_location="cpu", weights_only=True)
             load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
             if load_path is None:
@@ -196,7 +197,7 @@ class CheckpointManager:
             config.load_universal_checkpoint = before
         if load_path is None:
             raise RuntimeError(f"{universal}: DeepSpeed could not load this universal checkpoint")
-        state = torch.load(state0_file, map_location="cpu", weights_only=True)
+        state = state0
         state["pipeline"], state["rng"], state["elastic_from"] = None, None, written
         return state
 

@@ -31,6 +31,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -109,12 +110,38 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
         # core and they spin against each other (a 2-rank run on 2 cores was 5x slower).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if local_rank == 0:
+        warn_stale_build_locks()
     # A finite timeout: a dead peer must end the job, not hang it (FIELD_NOTES: NCCL waits
     # up to the process-group timeout; gloo fails at the next collective).
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     rank = torch.distributed.get_rank()
     release_cpu_shm_at_exit(rank)
     return rank, torch.distributed.get_world_size(), local_rank
+
+
+def warn_stale_build_locks(min_age_s: float = 600.0) -> list[Path]:
+    """DeepSpeed JIT-builds its ops (CPU Adam for optimizer offload, the CPU ranks' shared-memory
+    all-reduce) through torch's extension loader on first use. The loader serialises builds with
+    a ``lock`` file in the op's build directory and waits on it forever; a build killed midway
+    (Ctrl-C, a job time limit) leaves it behind and every later launch then hangs silently
+    after "Loading extension module". Name such locks up front. Returns the ones found."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    stale = []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:
+            continue
+        if age >= min_age_s:
+            stale.append(lock)
+            print(f"WARNING {lock} is {age / 60:.0f} min old: an interrupted build of a torch/DeepSpeed "
+                  "extension leaves this lock, and a run that needs the op waits on it forever. If no build "
+                  "is running on this machine, delete the file.", file=sys.stderr, flush=True)
+    return stale
 
 
 def release_cpu_shm_at_exit(rank: int) -> None:

@@ -160,15 +160,17 @@ class Packer:
 
     def add(self, item: PackItem) -> bool:
         """Buffer an item; False when it was rejected as overlong (counted)."""
-        if len(item) > self.seq_len and item.span is not None and self.qa_doc_stride > 0 and self.overlong == "truncate":
-            windows = qa_windows(item, self.seq_len, self.qa_doc_stride)
+        if len(item) > self.seq_len:
+            # an overlong QA context: doc-stride windows, each with the answer span or none
+            # (falls through to plain truncation when the question alone leaves no room)
+            split = item.span is not None and self.qa_doc_stride > 0 and self.overlong == "truncate"
+            windows = qa_windows(item, self.seq_len, self.qa_doc_stride) if split else []
             if windows:
                 self.stats["qa_split"] += 1
                 self.stats["qa_windows"] += len(windows)
                 for w in windows:
                     self._insert(w)
                 return True
-        if len(item) > self.seq_len:
             fitted = fit_overlong(item, self.seq_len, self.overlong)
             self.stats["truncated" if fitted is not None else "overlong"] += 1
             if fitted is None:

@@ -393,6 +393,7 @@ def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, m
     ids = special_ids(tok)
     ttype = et.task.task_type
     labels = resolve_labels(et.name, et.task)
+    # the progress bar names the template only when one of several is being swept (all_templates)
     label = f"eval {et.name}" + (f" [{tpl.name}]" if tpl is not None else "")
     tpl = tpl or _template(et, examples[0])
     rng = random.Random(0)  # unused: a single template is always chosen

@@ -47,8 +47,28 @@ def launch(config: Path, run_dir: Path, *extra: str, env: dict | None = None, se
         os.setsid()
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
+    # its own process group either way, so that a hung run can be killed whole (finish())
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            preexec_fn=preexec if session else None)
+                            preexec_fn=preexec if session else None, start_new_session=not session)
+
+
+def finish(proc, run_dir: Path, timeout: float) -> int:
+    """Wait for a launch; past ``timeout`` kill its whole process group (launcher and ranks:
+    a hung rank must not outlive the test) and fail with the log's tail."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        pytest.fail(f"no exit within {timeout} s (process group killed); log tail:\n{log_text(run_dir)[-3000:]}")
+
+
+def finish_ok(proc, run_dir: Path, timeout: float) -> None:
+    rc = finish(proc, run_dir, timeout)
+    assert rc == 0, log_text(run_dir)[-4000:]
 
 
 def log_text(run_dir: Path) -> str:
@@ -88,9 +108,7 @@ def demo(tmp_path_factory):
 def full_run(demo):
     out, config = demo
     run_dir = out / "full"
-    proc = launch(config, run_dir)
-    rc = proc.wait(timeout=400)
-    assert rc == 0, log_text(run_dir)[-4000:]
+    finish_ok(launch(config, run_dir), run_dir, 400)
     return run_dir
 
 
@@ -193,7 +211,7 @@ def test_sigusr1_checkpoints_exits_cleanly_and_resume_equals_uninterrupted(demo,
     proc = launch(config, run_dir, session=True)
     wait_for_step(proc, run_dir, 2)
     os.killpg(proc.pid, signal.SIGUSR1)  # the whole step's process group, as SLURM signals it
-    rc = proc.wait(timeout=180)
+    rc = finish(proc, run_dir, 180)
     text = log_text(run_dir)
     assert rc == 0, text[-4000:]
     assert "stop signal received: checkpointing at step" in text
@@ -201,9 +219,7 @@ def test_sigusr1_checkpoints_exits_cleanly_and_resume_equals_uninterrupted(demo,
     assert 2 <= stopped_at < STEPS, "the signal came too late to test a resume"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
 
-    proc = launch(config, run_dir)  # automatic resume: the run directory has a checkpoint
-    rc = proc.wait(timeout=400)
-    assert rc == 0, log_text(run_dir)[-4000:]
+    finish_ok(launch(config, run_dir), run_dir, 400)  # automatic resume: the run directory has a checkpoint
     assert f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:08d} at step {stopped_at}" in log_text(run_dir)
     resumed, reference = step_losses(run_dir), step_losses(full_run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -232,6 +248,6 @@ def test_nonfinite_step_is_skipped_and_a_sigkilled_rank_ends_the_job(demo):
     assert len(ranks) == 1
     t0 = time.time()
     ranks[0].send_signal(signal.SIGKILL)
-    rc = proc.wait(timeout=90)
+    rc = finish(proc, run_dir, 90)
     assert rc != 0
     assert time.time() - t0 < 60

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from test_train_deepspeed import TASKS, launch, log_text, records, step_losses
+from test_train_deepspeed import TASKS, finish_ok, launch, log_text, records, step_losses
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,7 @@ def demo(tmp_path_factory):
 
 def _run(config, run_dir, gpus, *extra):
     proc = launch(config, run_dir, "train.eval_at_start=false", "train.save_every=0", ALL_VAL, *extra, gpus=gpus)
-    rc = proc.wait(timeout=400)
-    assert rc == 0, log_text(run_dir)[-4000:]
+    finish_ok(proc, run_dir, 400)
 
 
 def _last_eval(run_dir):

@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from test_train_deepspeed import TASKS, launch, log_text, records, step_losses
+from test_train_deepspeed import TASKS, finish_ok, launch, log_text, records, step_losses
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,7 @@ def _run(demo, name: str, *extra: str):
     run_dir = out / name
     proc = launch(config, run_dir, f"train.max_steps={STEPS}", "train.eval_at_start=false", "train.save_every=0",
                   *extra)
-    rc = proc.wait(timeout=500)
-    assert rc == 0, log_text(run_dir)[-4000:]
+    finish_ok(proc, run_dir, 500)
     return run_dir
 
 

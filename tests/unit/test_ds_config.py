@@ -75,3 +75,26 @@ def test_unknown_template_names_the_choices(tmp_path):
     bad.write_text("{oops")
     with pytest.raises(DsConfigError, match="not valid JSON"):
         load_template(str(bad))
+
+
+def test_stale_extension_build_locks_are_named(tmp_path, monkeypatch, capsys):
+    # a lock left by a killed JIT build makes DeepSpeed's op loader wait forever: say so up front
+    import os
+    import time
+
+    from megamt.trainer import warn_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    top = tmp_path / "fused_adam" / "lock"  # TORCH_EXTENSIONS_DIR set: no per-python subfolder
+    for f in (old, fresh, top):
+        f.parent.mkdir(parents=True)
+        f.touch()
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    os.utime(top, (hour_ago, hour_ago))
+    assert warn_stale_build_locks(min_age_s=600) == sorted([top, old])
+    err = capsys.readouterr().err
+    assert f"WARNING {old} is 60 min old" in err and str(top) in err and str(fresh) not in err
+    assert warn_stale_build_locks(min_age_s=7200) == []
