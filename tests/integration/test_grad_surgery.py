@@ -4,11 +4,11 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_train_deepspeed import run_group
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +31,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("grad_surgery") / "results.json"
     port = str(29500 + random.randrange(2000))  # other runs may share the machine
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", port, str(SCRIPT), str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = run_group([str(launcher), "--num_gpus", "2", "--master_port", port, str(SCRIPT), str(out)], 600, env=env)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 

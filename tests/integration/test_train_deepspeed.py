@@ -37,7 +37,8 @@ def _free_port() -> int:
 def launch(config: Path, run_dir: Path, *extra: str, env: dict | None = None, session: bool = False, gpus: int = 2):
     """Start `deepspeed --num_gpus 2 --module megamt.train` (output to run_dir.log)."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(gpus), "--master_port", str(_free_port()), "--module", "megamt.train",
+    port = _free_port()
+    cmd = [str(deepspeed), "--num_gpus", str(gpus), "--master_port", str(port), "--module", "megamt.train",
            str(config), f"train.run_dir={run_dir}", *TRAIN, *extra]
     log = open(str(run_dir) + ".log", "a")
 
@@ -48,8 +49,17 @@ def launch(config: Path, run_dir: Path, *extra: str, env: dict | None = None, se
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     # its own process group either way, so that a hung run can be killed whole (finish())
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             preexec_fn=preexec if session else None, start_new_session=not session)
+    proc.master_port = port
+    return proc
+
+
+def drop_shm_buffers(port: int) -> None:
+    """A killed CPU rank cannot remove its shared-memory all-reduce buffer (66 MB of RAM in
+    /dev/shm, named by the launch's port; megamt removes it at a normal exit): do it for it."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        f.unlink(missing_ok=True)
 
 
 def finish(proc, run_dir: Path, timeout: float) -> int:
@@ -63,7 +73,23 @@ def finish(proc, run_dir: Path, timeout: float) -> int:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+        drop_shm_buffers(proc.master_port)
         pytest.fail(f"no exit within {timeout} s (process group killed); log tail:\n{log_text(run_dir)[-3000:]}")
+
+
+def run_group(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in its own process group: past
+    ``timeout`` the launcher *and* its ranks are killed (``subprocess.run`` kills only the
+    launcher and leaves the ranks running) and the test fails with the output's tail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[0]}: no exit within {timeout} s (process group killed):\n{out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def finish_ok(proc, run_dir: Path, timeout: float) -> None:
@@ -249,5 +275,6 @@ def test_nonfinite_step_is_skipped_and_a_sigkilled_rank_ends_the_job(demo):
     t0 = time.time()
     ranks[0].send_signal(signal.SIGKILL)
     rc = finish(proc, run_dir, 90)
+    drop_shm_buffers(proc.master_port)
     assert rc != 0
     assert time.time() - t0 < 60

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +31,9 @@ def test_fused_equals_unfused_under_zero3(tmp_path):
     out = tmp_path / "result.json"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), str(HERE), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    from test_train_deepspeed import run_group
+
+    proc = run_group(cmd, 280, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     for tie in ("untied", "tied"):
