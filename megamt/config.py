@@ -283,7 +283,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     seed: int = 0
     ds_config: str = "zero3"
-    """A template in ds_configs/ (zero3, zero3_offload, zero2) or a path to a DeepSpeed JSON."""
+    """A template in ds_configs/ (zero3, zero3_offload, zero2, zero2_offload) or a path to a DeepSpeed JSON."""
     log_every: int = 10
     """Plain log line every N steps (also the TensorBoard scalar cadence)."""
     eval_every: int = 0

@@ -22,7 +22,7 @@ import torch
 
 from megamt.config import MultitaskConfig
 
-TEMPLATES = ("zero3", "zero3_offload", "zero2")
+TEMPLATES = ("zero3", "zero3_offload", "zero2", "zero2_offload")
 AUTO = "auto"
 
 # megamt's lr_schedule -> DeepSpeed scheduler type
@@ -40,7 +40,7 @@ class DsConfigError(ValueError):
 
 
 def load_template(name_or_path: str) -> tuple[dict, str]:
-    """A template by name (zero3, zero3_offload, zero2) or a JSON path -> (dict, source name)."""
+    """A template by name (zero3, zero3_offload, zero2, zero2_offload) or a JSON path -> (dict, source name)."""
     if name_or_path in TEMPLATES:
         res = importlib.resources.files("megamt.ds_configs").joinpath(f"{name_or_path}.json")
         return json.loads(res.read_text()), f"{name_or_path}.json"

@@ -26,7 +26,7 @@ def test_templates_fill_every_auto(name):
     assert ds["gradient_clipping"] == 0.5
     params = dict(ds["optimizer"]["params"])
     # CPU ranks without optimizer offload use torch's AdamW (no JIT-built fused op)
-    cpu_torch_adam = not torch.cuda.is_available() and name != "zero3_offload"
+    cpu_torch_adam = not torch.cuda.is_available() and not name.endswith("_offload")
     assert params.pop("torch_adam", False) is cpu_torch_adam
     assert params == {"lr": 1e-3, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.1}
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
@@ -35,8 +35,8 @@ def test_templates_fill_every_auto(name):
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5
     assert ds["bf16"]["enabled"] is False
     assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
-    assert zero_stage(ds) == (2 if name == "zero2" else 3)
-    if name == "zero3_offload":
+    assert zero_stage(ds) == (2 if name.startswith("zero2") else 3)
+    if name.endswith("_offload"):
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
