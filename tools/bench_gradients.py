@@ -12,6 +12,8 @@ with ``--stage 1|2``, ZeRO-1/2; 2 ranks, gloo) with a tiny Llama and, for T = 2,
 
 GPU part (CUDA only, else prints ``skipped: no CUDA``): Triton Gram and combine kernels
 vs the measured device-to-device copy bandwidth, T up to 16, 1e8 to 1e9 elements.
+``--cpu-bandwidth``: the same measurement for the torch path on this CPU (1e7 and 3e7
+elements, at 1 thread and at all cores), each case also checked against float64.
 
 ``--repnorm``: GradNorm's per-task norms at the shared representation
 (``megamt.gradients.representation``) on plain mixed steps: forward + backward of one packed
@@ -152,57 +154,88 @@ def gpu_bench(max_elems: float) -> dict:
     if not torch.cuda.is_available():
         print("skipped: no CUDA", flush=True)
         return {"skipped": "no CUDA"}
+    return bandwidth_bench("cuda", [int(min(n, max_elems)) for n in (1e8, 3e8, 1e9)], copy_elems=int(1e9))
+
+
+def bandwidth_bench(device: str, sizes: list[int], copy_elems: int, tasks=(2, 4, 8, 16), reps: int = 5) -> dict:
+    """Gram (reads T x n fp32) and combine (reads T x n, writes n) against the measured copy
+    bandwidth of ``device`` (read + write of a ``copy_elems`` fp32 buffer): best of ``reps``.
+    On CUDA the Triton kernels and the torch path; on the CPU the torch path (the one the
+    surgery uses there), at the current ``torch.get_num_threads()``."""
+    import torch
+
     from megamt.kernels.task_gram import torch_task_combine, torch_task_gram, triton_task_combine, triton_task_gram
 
-    def timed(fn, reps=5):
+    cuda = device == "cuda"
+
+    def timed(fn):
         fn()
-        torch.cuda.synchronize()
         best = float("inf")
         for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            best = min(best, s.elapsed_time(e) / 1e3)
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                best = min(best, s.elapsed_time(e) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
         return best
 
-    # measured bandwidth: a large device-to-device copy (read + write)
-    a = torch.empty(int(1e9), dtype=torch.float32, device="cuda")
+    a = torch.empty(copy_elems, dtype=torch.float32, device=device).fill_(1.0)
     b = torch.empty_like(a)
     bw = 2 * a.numel() * 4 / timed(lambda: b.copy_(a))
+    read_bw = a.numel() * 4 / timed(lambda: a.sum())
     del a, b
-    out = {"device": torch.cuda.get_device_name(), "copy_GBps": round(bw / 1e9, 1), "cases": []}
-    free = torch.cuda.mem_get_info()[0]
-    for n in (1e8, 3e8, 1e9):
-        n = int(min(n, max_elems))
-        for T in (2, 4, 8, 16):
-            if (T + 1) * n * 4 > 0.85 * free:
+    out = {"device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} thread(s)",
+           "copy_GBps": round(bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1), "cases": []}
+    free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
+    variants = [("gram", "triton"), ("gram", "torch"), ("combine", "triton"), ("combine", "torch")]
+    if not cuda:
+        variants = [v for v in variants if v[1] == "torch"]
+    for n in sizes:
+        for T in tasks:
+            if (T + 1) * n * 4 * (1 if cuda else 3) > 0.85 * free:  # CPU: + the float64 check copy
                 out["cases"].append({"T": T, "n": n, "skipped": "does not fit"})
                 continue
-            g = torch.randn(T, n, device="cuda")
-            c = torch.randn(T, device="cuda")
-            o = torch.empty(n, device="cuda")
-            gram_bytes = T * n * 4
-            comb_bytes = (T + 1) * n * 4
+            g = torch.randn(T, n, device=device)
+            c = torch.randn(T, device=device)
+            o = torch.empty(n, device=device)
+            fns = {("gram", "triton"): lambda: triton_task_gram(g), ("gram", "torch"): lambda: torch_task_gram(g),
+                   ("combine", "triton"): lambda: triton_task_combine(g, c, out=o),
+                   ("combine", "torch"): lambda: torch_task_combine(g, c, out=o)}
             case = {"T": T, "n": n}
-            for name, fn, nbytes in [
-                ("gram_triton", lambda: triton_task_gram(g), gram_bytes),
-                ("gram_torch", lambda: torch_task_gram(g), gram_bytes),
-                ("combine_triton", lambda: triton_task_combine(g, c, out=o), comb_bytes),
-                ("combine_torch", lambda: torch_task_combine(g, c, out=o), comb_bytes),
-            ]:
-                t = timed(fn)
-                case[name + "_ms"] = round(t * 1e3, 3)
-                case[name + "_of_bw"] = round(nbytes / t / bw, 3)
-            # correctness on the benchmark data, against the torch path in float64
-            ref = (g.double() @ g.double().T)
-            case["gram_max_rel_err"] = float(((triton_task_gram(g).double() - ref).abs().max() / ref.abs().max()))
+            for kind, impl in variants:
+                nbytes = (T if kind == "gram" else T + 1) * n * 4
+                t = timed(fns[kind, impl])
+                case[f"{kind}_{impl}_ms"] = round(t * 1e3, 3)
+                case[f"{kind}_{impl}_of_bw"] = round(nbytes / t / bw, 3)
+            # correctness on the benchmark data, against float64 (relative to the largest entry)
+            gd = g.double()
+            ref = gd @ gd.T
+            gram = (triton_task_gram if cuda else torch_task_gram)(g).double()
+            case["gram_max_rel_err"] = float((gram - ref).abs().max() / ref.abs().max())
+            comb = (triton_task_combine if cuda else torch_task_combine)(g, c, out=o).double()
+            ref_c = c.double() @ gd
+            case["combine_max_rel_err"] = float((comb - ref_c).abs().max() / ref_c.abs().max())
+            del gd, ref, ref_c
             out["cases"].append(case)
             print(json.dumps(case), flush=True)
             del g, c, o
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     return out
+
+
+def _available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
 
 
 # --------------------------------------------------------------------------- representation norms
@@ -270,6 +303,8 @@ def main():
     ap.add_argument("--gpu-max-elems", type=float, default=1e9)
     ap.add_argument("--repnorm", action="store_true", help="only the representation-norm overhead (one process)")
     ap.add_argument("--repnorm-reps", type=int, default=15)
+    ap.add_argument("--cpu-bandwidth", action="store_true",
+                    help="only the torch Gram/combine path against this CPU's copy bandwidth, at 1 and all threads")
     args = ap.parse_args()
     if args.worker:
         return _worker(args)
@@ -277,6 +312,15 @@ def main():
     report = {"machine": os.environ.get("BENCH_MACHINE", "2-core CPU, 24 GiB"), "omp_num_threads_per_rank": 1}
     if args.repnorm:
         report["repnorm"] = repnorm_bench(args.repnorm_reps)
+        print(json.dumps(report))
+        return
+    if args.cpu_bandwidth:
+        import torch
+
+        report.pop("omp_num_threads_per_rank")
+        for threads in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            report[f"cpu_{threads}_threads"] = bandwidth_bench("cpu", [int(1e7), int(3e7)], copy_elems=int(2.5e8))
         print(json.dumps(report))
         return
     if not args.skip_cpu:
