@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from megamt.gradients.balancing import world_sum_
+
 
 class RepresentationGradNorms:
     """Collects ``sum_{i in task t} |dObjective/dh_i|^2`` over one optimizer step.
@@ -79,14 +81,6 @@ class RepresentationGradNorms:
 
     def take(self, world_size: int = 1) -> Tensor:
         """The step's per-task norms, summed over the ranks (collective when distributed)."""
-        import torch.distributed as dist
-
-        sq = self.sq.detach().clone()
+        sq = world_sum_(self.sq.detach().clone())
         self.sq.zero_()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            backend = dist.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            t = sq.to(device)
-            dist.all_reduce(t)
-            sq = t
         return sq.cpu().clamp_min(0).sqrt() / max(1, world_size)
