@@ -144,6 +144,11 @@ def warn_stale_build_locks(min_age_s: float = 600.0) -> list[Path]:
     return stale
 
 
+def cpu_shm_buffer(rank: int, master_addr: str, master_port: int | str) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for one rank of a launch."""
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}")
+
+
 def release_cpu_shm_at_exit(rank: int) -> None:
     """On CPU ranks DeepSpeed's shared-memory all-reduce (``deepspeed_shm_comm_op``) creates a
     66 MB file per rank in /dev/shm, named by user, MASTER_ADDR, MASTER_PORT and rank, and
@@ -154,8 +159,7 @@ def release_cpu_shm_at_exit(rank: int) -> None:
         return
     import atexit
 
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    name = cpu_shm_buffer(rank, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
 
     def unlink() -> None:
         try:

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,11 +492,11 @@ def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch
     bar = _bar(len(mine), f"eval {name}", progress)
     local = []
     head = enc_model.heads[name]
+    stride = config.data.doc_stride()
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             rows = mine[start:start + batch_size]
             if ttype == "extractive_qa":  # the best span over every window of each example
-                stride = config.data.doc_stride()
                 wins = [(i, w) for i in rows for w in _qa_windows(tok, examples[i], config.data.seq_len, stride)]
                 best: dict[int, tuple[float, str]] = {}
                 for s0 in range(0, len(wins), batch_size):
@@ -591,9 +592,8 @@ def _over_templates(scored: list[dict], names: list[str]) -> dict:
     mean, spread = {}, {}
     for m in scored[0]["metrics"]:
         vals = [s["metrics"][m] for s in scored]
-        mu = sum(vals) / len(vals)
-        mean[m] = mu
-        spread[m] = {"std": math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)), "min": min(vals), "max": max(vals)}
+        mean[m] = statistics.fmean(vals)
+        spread[m] = {"std": statistics.pstdev(vals), "min": min(vals), "max": max(vals)}
     return {"metrics": mean, "per_template": per, "template_spread": spread,
             "template": f"mean of {len(names)} templates", "first_template": names[0],
             "cut_generations": sum(s["cut_generations"] for s in scored)}

@@ -51,15 +51,17 @@ def launch(config: Path, run_dir: Path, *extra: str, env: dict | None = None, se
     # its own process group either way, so that a hung run can be killed whole (finish())
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             preexec_fn=preexec if session else None, start_new_session=not session)
-    proc.master_port = port
+    proc.master_port, proc.world_size = port, gpus
     return proc
 
 
-def drop_shm_buffers(port: int) -> None:
+def drop_shm_buffers(proc) -> None:
     """A killed CPU rank cannot remove its shared-memory all-reduce buffer (66 MB of RAM in
-    /dev/shm, named by the launch's port; megamt removes it at a normal exit): do it for it."""
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        f.unlink(missing_ok=True)
+    /dev/shm; megamt removes it at a normal exit): do it for it."""
+    from megamt.trainer import cpu_shm_buffer
+
+    for rank in range(proc.world_size):  # the deepspeed launcher's local MASTER_ADDR
+        cpu_shm_buffer(rank, "127.0.0.1", proc.master_port).unlink(missing_ok=True)
 
 
 def finish(proc, run_dir: Path, timeout: float) -> int:
@@ -73,7 +75,7 @@ def finish(proc, run_dir: Path, timeout: float) -> int:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
-        drop_shm_buffers(proc.master_port)
+        drop_shm_buffers(proc)
         pytest.fail(f"no exit within {timeout} s (process group killed); log tail:\n{log_text(run_dir)[-3000:]}")
 
 
@@ -275,6 +277,6 @@ def test_nonfinite_step_is_skipped_and_a_sigkilled_rank_ends_the_job(demo):
     t0 = time.time()
     ranks[0].send_signal(signal.SIGKILL)
     rc = finish(proc, run_dir, 90)
-    drop_shm_buffers(proc.master_port)
+    drop_shm_buffers(proc)
     assert rc != 0
     assert time.time() - t0 < 60
