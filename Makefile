@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/megamt demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS) tests

@@ -37,12 +37,29 @@ then known within the block), logits → ``D`` with ``c_i = hint[task_i]`` (one 
 Since every gradient is linear in ``g`` (``D`` is linear in ``c_i``), a backward that
 receives ``g = c · hint`` on the tasks that have tokens (tasks without tokens contribute
 nothing whatever their ``g_t``) returns the kept gradients times ``c``: 3 matmuls in
-all. Any other ``g`` (checked with allclose, rtol 1e-6, costs one host sync) takes the
-recompute path below, which is exact for every ``g``: a wrong hint costs time, never
-correctness. The kept gradients are used once (a second backward with
-``retain_graph=True`` recomputes). Extra memory: fp32 ``[V, H]`` + ``[N_active, H]`` (the
-gradients the reference allocates too, in fp32) + one ``[n, V]`` block. Tokens per block:
-``block elements // V`` (at least 1), capped by ``chunk_tokens``.
+all. The kept gradients are used once (a second backward with ``retain_graph=True``
+recomputes).
+
+Checking ``g = c · hint`` (relative tolerance 1e-6) needs the answer on the host to pick a
+path, i.e. a host–device sync per call. So by default the check runs on the device only:
+``c`` and the verdict stay tensors, and a ``g`` that is not ``c · hint`` turns the returned
+gradients into NaN — a loud non-finite gradient, never a silently wrong one. The debug switch
+``MEGAMT_CHECK_HINT=1`` (environment, read at the forward) checks on the host and takes the
+recompute path below when the check fails, which is exact for every ``g`` (counted as
+``hint_mismatch`` in ``backward_path_counts``).
+
+Low precision: ``D`` is written in the input dtype before the matmuls. With the trainer's
+hint (``w_t / N_t`` ≈ 1e-5) times softmax entries (≈ 1/V) it would underflow in fp16 (the
+gradients came out wrong by percents). The forward therefore uses the scales
+``hint[task_i] / unit`` with ``unit = max_i |hint[task_i]| / 2**10`` (over this call's tokens,
+a device scalar): the largest ``|D|`` is ~2**10, far inside fp16's range, and the backward
+multiplies the kept fp32 gradients by ``c · unit``.
+
+Memory: fp32 ``[V, H]`` + ``[N_active, H]`` kept from forward to backward (the gradients the
+reference allocates too, in fp32) + one ``[nt, V]`` block, ``nt = chunk_tokens``
+(``model.loss_chunk_tokens``; default ``block elements // V``). The products are added into
+the fp32 accumulators in place (``_add_mm_``): with bf16/fp16 operands its temporaries are
+slabs of at most 16M (CUDA) / 4M (CPU) elements, never a second fp32 ``[V, H]`` per block.
 
 Loop order: vocabulary blocks outside, token blocks inside. The forward merges each
 block into a running (max, sum-exp) per token. In the backward, grad_weight rows of a
@@ -55,6 +72,7 @@ whenever a micro-batch has fewer tokens than the vocabulary.
 from __future__ import annotations
 
 import collections
+import os
 from typing import Optional
 
 import torch
@@ -73,8 +91,19 @@ _DEFAULT_CHUNK_TOKENS = {"cpu": 4096, "cuda": 8192}
 # kept gradients to be used (their error is then ≤ 1e-6 relative, far below fp32's 1e-5).
 _HINT_RTOL = 1e-6
 
+# The hinted forward stores D with its per-token scales normalised so that the largest is
+# this power of two: |D| ≤ ~1 · _KEPT_RANGE, far below fp16's 65504, while softmax entries
+# down to 6e-5 / _KEPT_RANGE ≈ 6e-8 stay normal fp16 numbers (bf16/fp32: no effect).
+_KEPT_RANGE = 2.0 ** 10
+
+# Debug switch: "1" makes the backward check g = c · hint on the host (one sync per call) and
+# recompute exactly when it does not hold. Off, the check runs on the device and a mismatch
+# turns the gradients into NaN (never a silently wrong gradient, no sync).
+HINT_CHECK_ENV = "MEGAMT_CHECK_HINT"
+
 # How often each backward path ran in this process ("hinted": kept gradients × c;
-# "recompute": logits recomputed). For tests and profiling; never reset by the library.
+# "recompute": logits recomputed; "hint_mismatch": MEGAMT_CHECK_HINT=1 found g ≠ c · hint and
+# recomputed). For tests and profiling; never reset by the library.
 backward_path_counts: collections.Counter = collections.Counter()
 
 
@@ -84,31 +113,61 @@ backward_path_counts: collections.Counter = collections.Counter()
 
 _MM_OUT_DTYPE_OK: dict = {}
 
+# Temporaries of the low-precision accumulation ``out += a @ b`` (fp32 ``out``) hold at most
+# this many elements each: never a second ``[V, H]`` in fp32. CUDA: 16M (64 MiB; at H=8192,
+# 2048-row GEMMs of >= 0.5 TFLOP per 2048-token block); CPU: 4M (16 MiB; BLAS packs a copy of
+# each upcast operand too, so the slab is paid about twice).
+_SLAB_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32, also for bf16/fp16 operands."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        ok = _MM_OUT_DTYPE_OK.get(a.dtype)
-        if ok is None or ok:
-            try:  # torch >= 2.8 on CUDA: fp32 output straight from the GEMM
-                out = torch.mm(a, b, out_dtype=torch.float32)
-                _MM_OUT_DTYPE_OK[a.dtype] = True
-                return out
-            except (TypeError, RuntimeError):
-                _MM_OUT_DTYPE_OK[a.dtype] = False
-        return (a @ b).float()
-    # CPU low precision is not a hot path: upcast the (chunk-sized) operands instead.
-    return a.float() @ b.float()
+
+def _has_fp32_output_gemm(a: torch.Tensor) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``a``'s device and dtype
+    (CUDA with torch >= 2.8); probed once per dtype on a 1×1 product."""
+    if not a.is_cuda:
+        return False
+    ok = _MM_OUT_DTYPE_OK.get(a.dtype)
+    if ok is None:
+        one = torch.ones(1, 1, dtype=a.dtype, device=a.device)
+        try:
+            torch.mm(one, one, out_dtype=torch.float32)
+            ok = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _MM_OUT_DTYPE_OK[a.dtype] = ok
+    return ok
+
+
+def _gemm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of bf16/fp16 operands, accumulated and returned in fp32 by the GEMM (CUDA)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b`` with ``out`` fp32; in place (no temporary) when the operands are fp32."""
+    """``out += a @ b`` in place, ``out`` fp32, products accumulated in fp32.
+
+    fp32 operands: one ``addmm_``. bf16/fp16 operands never make an fp32 temporary the size of
+    ``out`` or of an operand (at ``out = grad_weight`` that would be a second fp32 ``[V, H]``
+    per token block, 2 GiB at V=128k, H=4096): on CUDA the fp32-output GEMM runs on slabs
+    of ``out``'s rows (torch's ``addmm`` with ``out_dtype`` wants its added input in the
+    operands' dtype, so it cannot accumulate into an fp32 ``out`` itself); elsewhere (the
+    CPU, or torch without ``out_dtype``) the operands are upcast slab by slab along the
+    contraction and added with ``addmm_``. Each temporary has at most ``_SLAB_ELEMENTS``
+    elements.
+    """
     if a.dtype == torch.float32:
         out.addmm_(a, b)
-    else:
-        out.add_(_mm_fp32(a, b))
+        return
+    m, k = a.shape
+    n = b.shape[1]
+    slab = _SLAB_ELEMENTS["cuda" if a.is_cuda else "cpu"]
+    if _has_fp32_output_gemm(a):
+        rows = max(1, slab // max(n, 1))
+        for r0 in range(0, m, rows):
+            out[r0:r0 + rows].add_(_gemm_fp32_out(a[r0:r0 + rows], b))
+        return
+    step = max(1, slab // max(m, n, 1))
+    for k0 in range(0, k, step):
+        out.addmm_(a[:, k0:k0 + step].float(), b[k0:k0 + step].float())
 
 
 def _linear_block(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
@@ -246,13 +305,23 @@ def _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, lab
     return loss_sum, count, lse
 
 
+def _hinted_token_block(device: torch.device, n_active: int, vocab: int, chunk_tokens: Optional[int]) -> int:
+    """Tokens per block of the hinted forward (whole vocabulary rows): ``chunk_tokens`` when
+    given (``model.loss_chunk_tokens``), else as many as fill one default block."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    tokens = chunk_tokens or max(1, _BLOCK_ELEMENTS[kind] // vocab)
+    return max(1, min(tokens, n_active))
+
+
 def _forward_hinted(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, label_smoothing, z_loss,
                     chunk_tokens, hint, need_hidden, need_weight, need_bias):
-    """Loss and, for per-token scale ``hint[task_i]``, the fp32 gradients (see the design note).
+    """Loss and the fp32 gradients for the per-token scale ``hint[task_i]`` (see the design note).
 
-    Returns ``loss_sum, count, lse, kept`` with ``kept = (grad_hidden_rows, grad_weight,
-    grad_bias)``: fp32, ``None`` where not needed; ``grad_hidden_rows`` is ``[N_active, H]``
-    (``[N, H]`` when every token is active).
+    Returns ``loss_sum, count, lse, kept, unit``: ``kept = (grad_hidden_rows, grad_weight,
+    grad_bias)``, fp32, ``None`` where not needed, ``grad_hidden_rows`` ``[N_active, H]``
+    (``[N, H]`` when every token is active), computed for the scale ``hint[task_i] / unit``;
+    ``unit`` (a 0-dim fp32 tensor, no host sync) is the largest ``|hint|`` over this call's
+    tokens divided by ``_KEPT_RANGE``, so the kept gradients times ``unit`` are those of ``hint``.
     """
     device, dtype = hidden.device, hidden.dtype
     n_active = labels_v.numel()
@@ -264,12 +333,17 @@ def _forward_hinted(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tas
     gh = torch.zeros(n_active, h_dim, **f32) if need_hidden else None
     gw = torch.zeros(vocab, h_dim, **f32) if need_weight else None
     gb = torch.zeros(vocab, **f32) if need_bias else None
+    unit = torch.ones((), **f32)
     if n_active == 0:
-        return loss_sum, count, lse, (gh, gw, gb)
-    scale = hint.to(device=device, dtype=torch.float32)[tasks_v]  # c_i = hint[task_i]
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    nt = max(1, _BLOCK_ELEMENTS[kind] // vocab)
-    nt = min(nt, chunk_tokens or nt, n_active)
+        return loss_sum, count, lse, (gh, gw, gb), unit
+    scale = hint.to(device=device, dtype=torch.float32)[tasks_v]  # hint[task_i]
+    # D = scale_i · ∂loss_i/∂x is stored in the input dtype before the matmuls: at the
+    # trainer's hint (w_t / N_t ≈ 1e-5) times softmax entries (≈ 1/V) it would underflow in
+    # fp16. Normalise the scales so the largest is _KEPT_RANGE; ``unit`` undoes it in backward.
+    biggest = scale.abs().amax()
+    unit = torch.where(biggest > 0, biggest / _KEPT_RANGE, torch.ones_like(biggest))
+    scale = scale / unit
+    nt = _hinted_token_block(device, n_active, vocab, chunk_tokens)
     buf = torch.empty(nt * vocab, dtype=dtype, device=device)
     for t0 in range(0, n_active, nt):
         t1 = min(t0 + nt, n_active)
@@ -280,47 +354,55 @@ def _forward_hinted(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tas
         if need_hidden:
             _add_mm_(gh[t0:t1], d, weight)
         if need_weight:
-            _add_mm_(gw, d.t(), h_blk)
+            _add_mm_(gw, d.t(), h_blk)  # in place: no second fp32 [V, H]
         if need_bias:
-            gb += d.float().sum(0)
+            gb += d.sum(0, dtype=torch.float32)
         del d
-    return loss_sum, count, lse, (gh, gw, gb)
+    return loss_sum, count, lse, (gh, gw, gb), unit
 
 
-def _hint_factor(grad_loss_sum, hint, count) -> Optional[float]:
-    """``c`` with ``g = c · hint`` on the tasks that have tokens, or None when there is none."""
+def hint_check_enabled() -> bool:
+    """Whether the backward checks ``g = c · hint`` on the host (``MEGAMT_CHECK_HINT=1``)."""
+    return os.environ.get(HINT_CHECK_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hint_factor(grad_loss_sum, hint, count):
+    """``(c, ok)`` as 0-dim device tensors, without a host sync: ``g ≈ c · hint`` on the tasks
+    that have tokens (relative tolerance ``_HINT_RTOL``), ``c = 0`` when none has."""
+    g = grad_loss_sum.float()
+    h = hint.to(g.device, torch.float32)
     present = count > 0
-    g = grad_loss_sum.float()[present]
-    h = hint.to(g.device, torch.float32)[present]
-    if g.numel() == 0:
-        return 0.0  # no tokens: every gradient is 0
-    k = int(h.abs().argmax())
-    if h[k] == 0:
-        return 0.0 if bool((g == 0).all()) else None
-    c = g[k] / h[k]
-    if not bool(torch.isfinite(c)) or not torch.allclose(g, c * h, rtol=_HINT_RTOL, atol=0.0):
-        return None
-    return float(c)
+    k = torch.where(present, h.abs(), torch.full_like(h, -1.0)).argmax().view(1)
+    hk, gk = h.gather(0, k)[0], g.gather(0, k)[0]  # gather: indexing by a tensor would sync
+    c = torch.where(hk != 0, gk / torch.where(hk != 0, hk, torch.ones_like(hk)), torch.zeros_like(hk))
+    close = (g - c * h).abs() <= _HINT_RTOL * (c * h).abs()
+    ok = torch.where(present, close, torch.ones_like(close)).all() & torch.isfinite(c)
+    return c, ok
 
 
-def _scale_kept(kept, c, hidden, weight, bias, index):
-    """The kept fp32 gradients times ``c``, in the inputs' dtypes and shapes (in place: used once)."""
+def _scale_kept(kept, factor, hidden, weight, bias, index):
+    """The kept fp32 gradients times ``factor`` (a 0-dim tensor), in the inputs' dtypes and
+    shapes. Scaled in place, then converted: ``torch.mul(..., out=<bf16>)`` would compute into
+    a hidden fp32 temporary of the full size (a second fp32 ``[V, H]``) before the cast."""
     gh, gw, gb = kept
+
+    def scaled(g, dtype):
+        g.mul_(factor)
+        return g if dtype == torch.float32 else g.to(dtype)
+
     n, h_dim = hidden.shape
     if gh is not None:
-        if c != 1.0:
-            gh.mul_(c)
         if index is None and gh.shape[0] == n:
-            gh = gh.to(hidden.dtype)
+            gh = scaled(gh, hidden.dtype)
         else:
             out = torch.zeros(n, h_dim, dtype=hidden.dtype, device=hidden.device)
             if gh.shape[0]:
-                out.index_copy_(0, index, gh.to(hidden.dtype))
+                out.index_copy_(0, index, scaled(gh, hidden.dtype))
             gh = out
     if gw is not None:
-        gw = (gw.mul_(c) if c != 1.0 else gw).to(weight.dtype)
+        gw = scaled(gw, weight.dtype)
     if gb is not None:
-        gb = (gb.mul_(c) if c != 1.0 else gb).to(bias.dtype)
+        gb = scaled(gb, bias.dtype)
     return gh, gw, gb
 
 
@@ -370,7 +452,7 @@ def _backward(ops, grad_loss_sum, hidden, weight, bias, index, labels_v, tasks_v
                 if need_weight:
                     _add_mm_(gw_acc, d.t(), h_blk)
                 if need_bias:
-                    grad_bias[v0:v1] += d.float().sum(0)
+                    grad_bias[v0:v1] += d.sum(0, dtype=torch.float32)
                 del d
             if need_weight and dtype != torch.float32:
                 grad_weight[v0:v1] = gw_acc
@@ -403,10 +485,11 @@ class FusedLinearTaskCrossEntropyFunction(torch.autograd.Function):
         # autocast would turn the block matmuls into bf16 behind our back: dtypes are explicit here
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             if grad_scale_hint is not None and any(hint_needs):
-                loss_sum, count, lse, ctx.kept = _forward_hinted(
+                loss_sum, count, lse, ctx.kept, ctx.unit = _forward_hinted(
                     ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks, label_smoothing, z_loss,
                     chunk_tokens, grad_scale_hint, *hint_needs)
                 ctx.hint, ctx.count = grad_scale_hint, count.clone()
+                ctx.check_hint = hint_check_enabled()
             else:
                 loss_sum, count, lse = _forward(ops, hidden, weight, bias, index, labels_v, tasks_v, num_tasks,
                                                 label_smoothing, z_loss, chunk_tokens)
@@ -422,10 +505,17 @@ class FusedLinearTaskCrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 10
         if ctx.kept is not None:
             kept, ctx.kept = ctx.kept, None  # used at most once: returned tensors may become .grad
-            c = _hint_factor(grad_loss_sum, ctx.hint, ctx.count)
-            if c is not None:
+            c, ok = _hint_factor(grad_loss_sum, ctx.hint, ctx.count)
+            if not ctx.check_hint:  # no host sync: a g that is not c · hint gives NaN gradients
+                use_kept, factor = True, torch.where(ok, c * ctx.unit, torch.full_like(c, float("nan")))
+            elif bool(ok):  # MEGAMT_CHECK_HINT=1: checked on the host
+                use_kept, factor = True, c * ctx.unit
+            else:
+                use_kept, factor = False, None
+                backward_path_counts["hint_mismatch"] += 1
+            if use_kept:
                 backward_path_counts["hinted"] += 1
-                grads = _scale_kept(kept, c, hidden, weight, bias, index)
+                grads = _scale_kept(kept, factor, hidden, weight, bias, index)
                 needs = ctx.needs_input_grad[:3]
                 return (*(g if need else None for g, need in zip(grads, needs)), *none)
             del kept
@@ -482,12 +572,15 @@ def fused_linear_task_cross_entropy(
             when importable, torch otherwise).
         chunk_tokens: active tokens per block (default 4096 on CPU, 8192 on CUDA); the
             vocabulary block is sized so one logits block holds 16M (CPU) / 64M (CUDA)
-            elements.
+            elements. The hinted forward's blocks hold whole vocabulary rows:
+            ``[chunk_tokens, V]`` (default ``16M or 64M // V`` tokens).
         grad_scale_hint: optional ``[T]``, the expected upstream gradient on ``loss_sum`` up
             to one scalar (in training ``w_t / global_count_t``). When given and a gradient
             is needed, the forward also computes the gradients for ``g = hint`` (3 matmuls in
-            all instead of 4); the backward uses them, times ``c``, when the real ``g`` equals
-            ``c · hint`` on the tasks that have tokens, and recomputes exactly otherwise.
+            all instead of 4); the backward returns them times ``c`` when the real ``g``
+            equals ``c · hint`` on the tasks that have tokens. Otherwise the gradients are
+            NaN (the check stays on the device: no host sync), or, with the debug switch
+            ``MEGAMT_CHECK_HINT=1``, the backward checks on the host and recomputes exactly.
             Costs fp32 ``[V, H]`` + ``[N, H]`` of memory from forward to backward.
 
     Returns:

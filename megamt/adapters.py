@@ -1,7 +1,7 @@
 """LoRA adapters through ``peft`` on either model family.
 
-- causal LM: the whole ``AutoModelForCausalLM`` becomes a ``peft.PeftModel`` (only the LoRA
-  matrices train);
+- causal LM / encoder-decoder: the whole ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``
+  becomes a ``peft.PeftModel`` (only the LoRA matrices train);
 - encoder + heads: the *shared backbone* gets the adapters and is frozen otherwise, the
   per-task heads stay fully trainable (MT-DNN with adapters).
 
@@ -50,7 +50,8 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
         for p in model.heads.parameters():
             p.requires_grad_(True)
         return model
-    return _wrap(model, lora_cfg, "CAUSAL_LM")
+    seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return _wrap(model, lora_cfg, "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -12,11 +12,19 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-corpus": ("megamt.data.synthetic", "write the embedded multitask demo corpus, its task spec and tokenizer"),
+    "build-tokenizer": ("megamt.data.tokenize", "train a WordPiece/BPE tokenizer on a spec's training files"),
     "build-shards": ("megamt.data.shards", "tokenize a task spec into per-task webdataset shards + manifest.json"),
+    "plan": ("megamt.plan", "per-GPU memory budget of a config (ZeRO states, activations, loss, surgery) and what to change"),
     "train": ("megamt.train", "train (run it under `deepspeed --num_gpus N -m megamt.train` or srun)"),
     "export": ("megamt.export", "write a Hugging Face model folder from a megamt checkpoint"),
-    "eval": ("megamt.eval.evaluate", "per-task metrics of a checkpoint or HF folder on an eval spec"),
-    "experiment": ("megamt.eval.transfer", "experiments: `experiment transfer SPEC` (single-task vs multitask)"),
+    "convert-checkpoint": ("megamt.checkpoint", "a checkpoint's DeepSpeed universal checkpoint for elastic resume "
+                                                "(N processes)"),
+    "eval": ("megamt.eval.evaluate", "per-task metrics of a checkpoint or HF folder on the training spec (or an eval spec)"),
+    "adapt": ("megamt.eval.adapt", "few-shot adaptation curves of a trained model on a task (K shots, S steps, seeds)"),
+    "experiment": ("megamt.experiments.cli", "experiments that launch runs: `experiment run|pairs|groups|transfer`"),
+    "hpo": ("megamt.experiments.hpo", "hyperparameter search with Optuna (pruned trials stop their run; resumable study)"),
+    "report": ("megamt.experiments.report", "Markdown + PNG report of a finished run from its TensorBoard logs"),
+    "config": ("megamt.config_reference", "every config key (type, default, meaning); `config show SPEC` resolves one"),
     "demo": ("megamt.demo", "the main job: corpus -> tokenizer -> shards -> 2-rank ZeRO-3 training -> report"),
 }
 

@@ -64,9 +64,10 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the HF folder (+ tokenizer, megamt config); returns it."""
     from megamt.model import save_megamt_config
 
+    from megamt.outputs import ensure_writable
+
+    out = ensure_writable(out_dir, "OUT_DIR", "Choose a writable folder with enough space for the model")
     model, folder = load_trained_model(checkpoint)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if model.family == "encoder":
         model.save_pretrained(out)  # encoder + heads in the heads module's format (merges LoRA itself)
     else:
@@ -90,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError) as e:  # OutputDirError is a RuntimeError
         print(f"megamt export: error: {e}", file=sys.stderr)
         return 1
-    loader = "AutoModel + heads: MultitaskModel.from_pretrained" if (out / "heads.json").is_file() else \
-        "AutoModelForCausalLM.from_pretrained (or MultitaskModel.from_pretrained)"
+    loader = ("MultitaskModel.from_pretrained, the encoder with its task heads; the encoder alone: "
+              "AutoModel.from_pretrained(OUT, add_pooling_layer=False) -- megamt trains no pooler"
+              if (out / "heads.json").is_file() else
+              "AutoModelForCausalLM.from_pretrained (or MultitaskModel.from_pretrained)")
     print(f"exported {args.checkpoint} -> {out} (load with {loader})")
     return 0
 

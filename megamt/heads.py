@@ -7,17 +7,28 @@ is the shared backbone; each task has its own small head:
   ``[CLS]``) -> dense + tanh (a per-task pooler, as BERT's) -> dropout -> linear to classes;
 - ``token_classification``: dropout -> linear to tags, on every token that carries a
   ``tag_labels`` id (the first sub-token of each word);
-- ``span``: linear to (start, end) logits; softmax over each example's context tokens.
+- ``span``: linear to (start, end) logits; softmax over each example's context tokens;
+- ``multiple_choice``: each choice (encoded with its question, its own packed segment) is
+  scored from its first token by a per-task pooler + linear to 1; softmax over the choices
+  of one example (the packer keeps them in one row, so in one micro-batch), one loss term per
+  example (``choice_ids`` marks each choice's first token, ``cls_labels`` holds the gold
+  choice on the first choice's first token). Token tagging (POS, chunks) uses
+  ``token_classification`` like NER.
 
-Packed rows hold several examples. They must not see each other: the 4-D block-diagonal
-additive mask built by :func:`block_diagonal_mask` from ``segment_ids`` keeps attention
-inside each example (a bool mask is honoured by SDPA but *added as 0/1* by the eager
-attention of transformers 5, so the mask is additive float), and ``position_ids``
-restart at 0 for each example. Packed forwards equal separate forwards (tested to 1e-5).
+Packed rows hold several examples. They must not see each other: encoders whose attention
+goes through transformers' ``AttentionInterface`` (BERT, RoBERTa, XLM-R, ELECTRA, ALBERT,
+DistilBERT, ModernBERT, ...) run megamt's packed attention (megamt/attention.py) on the
+packer's ``cu_seqlens``, bidirectional within each segment, with no mask at all. Encoders
+with hand-written attention (DeBERTa-v2: disentangled relative-position terms; MPNet:
+relative position bias) cannot take segment boundaries, and DeBERTa-v2 does not even take a
+4-D mask (it multiplies its embeddings by the mask); for them each segment becomes its own
+row of an ``[S, max_seqlen]`` batch with an ordinary 2-D padding mask (:func:`unpacked_encode`)
+and the hidden states go back to their packed places. ``position_ids`` restart at 0 for
+each example. Packed forwards equal separate forwards (tested to 1e-5).
 
 ``forward(batch) -> TaskLoss(loss_sum[T], count[T])``: per task, the summed loss and the
 number of loss terms (classification: examples; NER: tagged words; span: QA examples,
-each term the mean of its start and end cross-entropies).
+each term the mean of its start and end cross-entropies; multiple choice: examples).
 """
 
 from __future__ import annotations
@@ -30,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS = ("sequence_classification", "token_classification", "span")
+HEAD_KINDS = ("sequence_classification", "token_classification", "span", "multiple_choice")
 HEADS_FILE, HEADS_META = "heads.safetensors", "heads.json"
 _HEAD_BY_TYPE = {"classification": "sequence_classification", "ner": "token_classification",
-                 "extractive_qa": "span"}
+                 "tagging": "token_classification", "extractive_qa": "span", "multiple_choice": "multiple_choice"}
 # Models whose learned position table starts after the padding index (RoBERTa family):
 # position p of an example is row p + pad_token_id + 1.
 _OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text",
@@ -72,7 +83,7 @@ def head_label_names(task_name: str, task_cfg, kind: str) -> list[str]:
     the task's ``labels``, NER entity types expanded to ``[O, B-LOC, I-LOC, ...]``, or the
     set inferred from the train split), so head output ``i`` is label id ``i`` of the shards.
     """
-    if kind == "span":
+    if kind in ("span", "multiple_choice"):
         return []
     from megamt.data.formats import resolve_labels
 
@@ -84,15 +95,21 @@ def head_label_names(task_name: str, task_cfg, kind: str) -> list[str]:
     return list(labels)
 
 
-def block_diagonal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[B, L]`` example index per token (-1 = padding) -> additive mask ``[B, 1, L, L]``.
-
-    0 where query and key belong to the same example, the dtype's minimum elsewhere.
-    Padding tokens attend to padding only (never an all-masked row, so no NaN).
-    """
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = torch.zeros(same.shape, dtype=dtype, device=segment_ids.device)
-    return mask.masked_fill_(~same, torch.finfo(dtype).min)[:, None]
+def unpacked_encode(backbone: nn.Module, kwargs: dict, bounds: list[int], max_seqlen: int) -> torch.Tensor:
+    """Hidden states ``[B, L, H]`` of a packed batch with every segment encoded alone: the
+    segments (``bounds``: boundaries in the flattened ``B*L`` tokens) become the rows of an
+    ``[S, max_seqlen]`` batch with a 2-D padding mask -- for encoders that take neither
+    segment boundaries nor a 4-D mask. ``kwargs``: the backbone's per-token ``[B, L]`` inputs."""
+    B, L = kwargs["input_ids"].shape
+    device = kwargs["input_ids"].device
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor(bounds[1:], device=device) - starts
+    offsets = torch.arange(max_seqlen, device=device)
+    valid = offsets[None, :] < lengths[:, None]                       # [S, M]
+    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # flattened token of each slot
+    rows = {k: v.reshape(B * L)[index].masked_fill(~valid, 0) for k, v in kwargs.items()}
+    hidden = backbone(attention_mask=valid.long(), **rows).last_hidden_state
+    return hidden[valid].view(B, L, -1)  # segments are contiguous and in order
 
 
 class SequenceClassificationHead(nn.Module):
@@ -129,13 +146,19 @@ def build_backbone(model_cfg) -> nn.Module:
     """``AutoModel`` from a local folder (``name_or_path``) or from ``from_config``.
 
     BERT-style pooler layers are dropped: the heads pool per example themselves, and a
-    parameter without gradient would only cost memory.
+    parameter without gradient would only cost memory. The attention is switched to
+    megamt's packed attention by :class:`EncoderWithHeads`.
     """
     from transformers import AutoConfig, AutoModel
 
-    attn = model_cfg.attn_implementation
-    kwargs = {"attn_implementation": attn} if attn in ("sdpa", "eager") else {}
+    from megamt.attention import construction_kwargs
+
+    kwargs = construction_kwargs(model_cfg.attn_implementation)
     if model_cfg.name_or_path:
+        if (Path(model_cfg.name_or_path) / HEADS_META).is_file() and _has_pooling_flag(model_cfg.name_or_path):
+            # a megamt export holds no pooler (dropped below): building one would be reported
+            # as MISSING weights, randomly initialised, on every load
+            kwargs["add_pooling_layer"] = False
         backbone = AutoModel.from_pretrained(model_cfg.name_or_path, **kwargs)
     else:
         raw = dict(model_cfg.from_config)
@@ -143,6 +166,17 @@ def build_backbone(model_cfg) -> nn.Module:
     if getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None
     return backbone
+
+
+def _has_pooling_flag(folder: str) -> bool:
+    """Whether the folder's AutoModel class takes ``add_pooling_layer`` (BERT, RoBERTa ...)."""
+    import inspect
+
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    cls = MODEL_MAPPING.get(type(AutoConfig.from_pretrained(folder)), None)
+    return cls is not None and "add_pooling_layer" in inspect.signature(cls.__init__).parameters
 
 
 class EncoderWithHeads(nn.Module):
@@ -154,6 +188,11 @@ class EncoderWithHeads(nn.Module):
         super().__init__()
         self.task_names = list(config.tasks)
         self.backbone = backbone if backbone is not None else build_backbone(config.model)
+        from megamt.attention import switch_to_packed_attention
+
+        self.packed_attention = switch_to_packed_attention(self.backbone, config.model.attn_implementation,
+                                                           encoder=True)
+        """True: packed attention on cu_seqlens; False: one row per segment (:func:`unpacked_encode`)."""
         hf = self.backbone.config
         hidden = hf.hidden_size
         self.position_offset = (hf.pad_token_id + 1) if hf.model_type in _OFFSET_POSITION_MODELS else 0
@@ -174,6 +213,8 @@ class EncoderWithHeads(nn.Module):
                 self.heads[name] = SequenceClassificationHead(hidden, len(names), head_dropout)
             elif kind == "token_classification":
                 self.heads[name] = TokenClassificationHead(hidden, len(names), head_dropout)
+            elif kind == "multiple_choice":  # one score per choice, from its first token
+                self.heads[name] = SequenceClassificationHead(hidden, 1, head_dropout)
             else:
                 self.heads[name] = SpanHead(hidden)
         if problems:
@@ -190,24 +231,30 @@ class EncoderWithHeads(nn.Module):
 
     # ---------------------------------------------------------------- encoding
     def encode(self, batch: dict) -> torch.Tensor:
-        """Hidden states [B, L, H] with every packed example isolated."""
-        seg = batch["segment_ids"]
-        dtype = next(self.backbone.parameters()).dtype
-        kwargs = {"input_ids": batch["input_ids"],
-                  "attention_mask": block_diagonal_mask(seg, dtype),
-                  "position_ids": batch["position_ids"] + self.position_offset}
+        """Hidden states [B, L, H] with every packed example isolated (the batch's
+        ``cu_seqlens`` and ``max_seqlen``)."""
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"] + self.position_offset}
         if "token_type_ids" in batch:
             kwargs["token_type_ids"] = batch["token_type_ids"]
         elif getattr(self.backbone.config, "type_vocab_size", 0):
             kwargs["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-        return self.backbone(**kwargs).last_hidden_state
+        from megamt.attention import packed_attention_kwargs, packed_forward
 
-    def task_logits(self, hidden: torch.Tensor, batch: dict) -> dict[str, dict]:
+        packing = packed_attention_kwargs(batch)
+        if not self.packed_attention:
+            return unpacked_encode(self.backbone, kwargs, packing["megamt_segments"].get(), packing["max_length_q"])
+        with packed_forward():
+            return self.backbone(**kwargs, **packing).last_hidden_state
+
+    def task_logits(self, hidden: torch.Tensor, batch: dict, every_head: bool = False) -> dict[str, dict]:
         """Per task, the head's logits on the tokens that matter.
 
         classification: ``{"index": (b, t) of each example's first token, "logits": [N, C]}``;
         ner: ``{"index": every token of the task, "logits": [N, tags]}``;
-        span: ``{"index": every token of the task, "logits": [N, 2]}``.
+        span: ``{"index": every token of the task, "logits": [N, 2]}``;
+        multiple choice: ``{"index": each choice's first token, "logits": [N, 1]}``.
+        ``every_head``: a head whose task has no token here runs too, on one row (``"index":
+        None``), so that every rank calls every head in the same order (see :meth:`forward`).
         """
         task_ids, pos = batch["task_ids"], batch["position_ids"]
         out = {}
@@ -217,8 +264,12 @@ class EncoderWithHeads(nn.Module):
             owned = task_ids == t
             if self.head_kinds[name] == "sequence_classification":
                 owned = owned & (pos == 0)
+            elif self.head_kinds[name] == "multiple_choice":
+                owned = owned & (batch["choice_ids"] != -100)
             idx = owned.nonzero(as_tuple=True)
             if idx[0].numel() == 0:
+                if every_head:
+                    out[name] = {"index": None, "logits": self.heads[name](hidden[:1, 0])}
                 continue
             out[name] = {"index": idx, "logits": self.heads[name](hidden[idx])}
         return out
@@ -231,15 +282,24 @@ class EncoderWithHeads(nn.Module):
         # task is in the micro-batch (an all-padding batch)
         loss_sum = hidden.new_zeros(T, dtype=torch.float32) + 0.0 * hidden.float().sum()
         count = hidden.new_zeros(T, dtype=torch.float32)
-        # Heads of tasks absent from this micro-batch get no gradient (None): DeepSpeed ZeRO
-        # treats that as zero. Touching their parameters here to force a zero gradient would
-        # read ZeRO-3's empty partitions outside the heads' forward and break their backward.
-        for name, res in self.task_logits(hidden, batch).items():
+        # Every head runs in every forward, on every rank, in task order: ZeRO-3 gathers each
+        # head's parameters with a collective when the head is called, and ZeRO-1/2/3 reduce
+        # gradient buckets filled in the order the gradients become ready -- both must match
+        # across ranks. A head whose task is absent from a rank's micro-batch used to be skipped
+        # there (gloo: "Received data size doesn't match expected size", a few steps into a
+        # MiniLM run on mixed micro-batches); it now runs on one row and adds an exact zero.
+        for name, res in self.task_logits(hidden, batch, every_head=True).items():
             t = self.task_names.index(name)
             kind = self.head_kinds[name]
             logits, idx = res["logits"].float(), res["index"]
+            if idx is None:
+                loss_sum = loss_sum.index_add(0, torch.tensor([t], device=loss_sum.device),
+                                              (logits.sum() * 0.0).reshape(1))
+                continue
             if kind == "span":
                 s, c = _span_loss(logits, idx, batch)
+            elif kind == "multiple_choice":
+                s, c = _choice_loss(logits[:, 0], idx, batch)
             else:
                 key = "cls_labels" if kind == "sequence_classification" else "tag_labels"
                 labels = batch[key][idx]
@@ -346,3 +406,25 @@ def _span_loss(logits: torch.Tensor, idx: tuple, batch: dict) -> tuple[torch.Ten
         terms.append(lse - gold_logit)
     per_example = torch.where(has_gold, 0.5 * (terms[0] + terms[1]), 0.0)
     return per_example.sum(), has_gold.sum()
+
+
+def _choice_loss(scores: torch.Tensor, idx: tuple, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over each multiple-choice example's choices: one term per example.
+
+    ``scores [M]`` of the task's choice-first tokens ``idx`` in row-major order, so each
+    example's choices are consecutive and a new example starts at choice 0 (the packer keeps
+    a group in one row). The gold choice is ``cls_labels`` on the group's first token; an
+    example whose gold index names no choice adds no term.
+    """
+    choice = batch["choice_ids"][idx]
+    group = torch.cumsum((choice == 0).long(), 0) - 1
+    G = int(group[-1]) + 1
+    gmax = torch.full((G,), float("-inf"), device=scores.device).scatter_reduce(0, group, scores.detach(), "amax")
+    lse = torch.zeros(G, device=scores.device).index_add(0, group, (scores - gmax[group]).exp()).log() + gmax
+    gold = batch["cls_labels"][idx][choice == 0]                      # [G]
+    n_choices = torch.zeros(G, dtype=torch.long, device=scores.device).index_add(0, group, torch.ones_like(group))
+    valid = (gold >= 0) & (gold < n_choices)
+    is_gold = choice == gold.clamp_min(0)[group]
+    gold_score = torch.zeros(G, device=scores.device).index_add(0, group, torch.where(is_gold, scores, 0.0))
+    per_example = torch.where(valid, lse - gold_score, 0.0)
+    return per_example.sum(), valid.sum()

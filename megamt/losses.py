@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -99,6 +100,48 @@ def task_cross_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, l
         return TaskLoss(loss_sum.float(), count.float())
     logits = F.linear(hidden, weight, bias)
     return task_cross_entropy(logits, labels, task_ids, num_tasks, ignore_index=ignore_index)
+
+
+class LMHeadTaskLoss(nn.Module):
+    """The fused LM-head loss as its own (parameter-free) module: ``forward(hidden, *, head,
+    labels, task_ids, grad_scale_hint=None) -> TaskLoss``.
+
+    Why a module: the fused loss reads the head's weight outside ``lm_head.forward`` (which it
+    never runs), so under ZeRO-3 the weight must be registered as an *external parameter* of
+    the module whose forward reads it. DeepSpeed gathers a module's (external) parameters in
+    its forward pre-hook and before its backward, and releases them in its post-backward hook,
+    which fires when the gradient of the module's tensor inputs (``hidden``) is computed.
+    Registered on the root ``MultitaskModel`` the head stayed gathered until the end of the
+    whole backward (the root's post-backward); registered here (``register_head``) it is
+    released as soon as this module's backward is done (when DeepSpeed's reuse-distance rule
+    does not keep it for a nearby use: the tied input embedding at the end of the backward).
+
+    ``hidden`` is the only positional argument: DeepSpeed's hooks see positional tensors only
+    (hooking the head module or the labels would be wrong). ``head`` is passed at each call,
+    not stored: the head stays owned (and named) by the backbone.
+    """
+
+    def __init__(self, num_tasks: int, chunk_tokens: int | None = None):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.chunk_tokens = chunk_tokens
+
+    def register_head(self, head: nn.Module) -> None:
+        """Have ZeRO-3 gather ``head``'s weight (and bias) around this module; inert without ZeRO-3."""
+        try:  # `deepspeed.zero` is an attribute of the package, not an importable module path
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+        except ImportError:
+            return
+        for p in (head.weight, getattr(head, "bias", None)):
+            if isinstance(p, nn.Parameter):
+                register_external_parameter(self, p)
+
+    def forward(self, hidden: torch.Tensor, *, head: nn.Module, labels: torch.Tensor, task_ids: torch.Tensor,
+                grad_scale_hint: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> TaskLoss:
+        """``bias``: the logits' bias when it is not the head's own (BART's ``final_logits_bias``)."""
+        return task_cross_entropy_from_hidden(hidden, head.weight, labels, task_ids, self.num_tasks,
+                                              bias=getattr(head, "bias", None) if bias is None else bias, fused=True,
+                                              chunk_tokens=self.chunk_tokens, grad_scale_hint=grad_scale_hint)
 
 
 def task_means(loss_sum: torch.Tensor, global_count: torch.Tensor) -> torch.Tensor:

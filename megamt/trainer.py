@@ -5,12 +5,16 @@ is split into named steps, each fitting on a screen:
 
     train()                     resume -> start-up print -> loop -> final checkpoint
       train_step()              one optimizer step
-        next_micro_batches()    the step's micro-batches, prefetched (normal: grad_accum mixed
-                                ones; gradient-method mode: one task-homogeneous one per task)
+        next_micro_batches()    the step's micro-batches and their local target counts, built in
+                                a background thread while the previous step runs (megamt.prefetch;
+                                normal: grad_accum mixed ones; gradient-method mode: one
+                                task-homogeneous one per task)
         global_target_counts()  per-task target tokens of the whole step, ONE all-reduce
         forward_backward_step() forward -> TaskLoss -> scaled step loss -> engine.backward
         engine.step()           after every micro-batch, as DeepSpeed expects; it updates the
                                 weights only at the accumulation boundary
+        reduce_step_numbers()   loss sums, stop flags, step times of every rank: ONE all-reduce,
+                                then the step's only device-to-host transfer
       evaluate_loss()           per-task validation loss (eval/loss/<task>)
       save_checkpoint()         engine state + every rank's data/RNG state, then `latest`
 
@@ -18,6 +22,11 @@ Loss scaling (see megamt.losses.step_loss): every micro-batch hands
 ``world_size * grad_accum * sum_t w_t * loss_sum_t / N_t`` to ``engine.backward``; DeepSpeed
 divides by ``grad_accum`` and averages over ranks, so the gradient after the step is exactly
 d(sum_t w_t * mean_t)/d(theta) with means over the global batch.
+
+Host-device synchronisation: the per-step numbers (loss sums, counts, the grad norm) stay on
+the device through the micro-batch loop; nothing in it reads a device value on the host. The
+step ends with one all-reduce and one transfer (tests/unit/test_trainer_hot_path.py counts
+the calls on a CPU stand-in).
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from megamt.checkpoint import CheckpointManager, json_text, rng_state, set_rng_state
+from megamt import comm
+from megamt.checkpoint import CheckpointComm, CheckpointManager, json_text, rng_state, set_rng_state
 from megamt.config import MultitaskConfig
 from megamt.ds_config import build_ds_config, hidden_size_of, zero_stage
-from megamt.losses import TaskLoss, count_targets, step_loss, task_means
+from megamt.losses import TaskLoss, count_targets, step_loss
 from megamt.metrics_log import MetricsLogger, estimate_mfu, peak_memory_gib
 from megamt.model import MultitaskModel, describe, hf_config, resolve_dtype
+from megamt.prefetch import PrefetchingPipeline
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Fault injection for tests: comma-separated 1-based steps whose first task's loss becomes NaN.
@@ -70,6 +81,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     step_time_s: float
+    """Rank 0's wall time of the whole step."""
     applied: bool
     nonfinite_tasks: list[str] = field(default_factory=list)
     stop_requested: bool = False
@@ -79,6 +91,41 @@ class StepResult:
     """megamt.gradients.SurgeryStats when this step measured per-task gradients, else None."""
     rep_grad_norms: dict[str, float] | None = None
     """GradNorm without G: per-task gradient norms at the shared representation."""
+    step_time_s_min: float | None = None
+    """Fastest rank's time from the step's start until its device finished the step's work
+    (before the closing all-reduce, so it does not include waiting for the slowest rank there)."""
+    step_time_s_max: float | None = None
+    """Slowest rank's (a slow node shows as max >> min)."""
+    data_wait_s_max: float | None = None
+    """Longest time a rank waited for its micro-batches (their build outlasted the previous step)."""
+    meta: dict[str, Any] | None = None
+    """Meta-learning steps (meta.method): task, inner losses before/after adaptation, displacement
+    norm, outer learning rate."""
+    affinity: dict[str, float] | None = None
+    """``affinity/<i>/<j>`` and ``affinity_first_order/<i>/<j>`` when this step measured them."""
+
+
+@dataclass
+class StepBatches:
+    """One optimizer step's micro-batches for this rank, built on the host (see next_micro_batches)."""
+
+    step: int
+    """0-based optimizer step they belong to."""
+    micro_batches: list[dict[str, Any]]
+    local_counts: torch.Tensor
+    """fp32 [T+1] on the host: this rank's loss terms per task over the micro-batches, then its
+    non-pad tokens (pinned on CUDA, so the copy to the device does not block). Meta-learning
+    steps: [micro-batches, T+1], one row per inner step (each is normalised on its own)."""
+    tasks: list[str] | None = None
+    """Meta-learning steps: the outer step's task(s), one block of micro-batches each."""
+
+
+def poison_first_task(task_loss: TaskLoss, global_count: torch.Tensor) -> TaskLoss:
+    """Fault injection (``MEGAMT_FAULT_NONFINITE_STEPS``): NaN in the loss sum of the first task
+    with targets in the step; chosen on the device (no host sync, like the step it stands in)."""
+    first = (global_count > 0).to(torch.int8).argmax().reshape(1)
+    poison = torch.ones_like(task_loss.loss_sum).index_fill(0, first, float("nan"))
+    return TaskLoss(task_loss.loss_sum * poison, task_loss.count)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -117,6 +164,7 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     rank = torch.distributed.get_rank()
     release_cpu_shm_at_exit(rank)
+    comm.leave_at_exit()
     return rank, torch.distributed.get_world_size(), local_rank
 
 
@@ -170,15 +218,22 @@ def release_cpu_shm_at_exit(rank: int) -> None:
     atexit.register(unlink)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
+def meta_ds_problems(ds: dict, cfg: MultitaskConfig) -> list[str]:
+    """What a resolved ds_config lacks for ``meta.method`` (the config-only combinations are
+    checked by megamt.config): ZeRO-1, 2 or 3 partitions, no NVMe offload, no fp16 loss scaling."""
+    m = f"meta.method={cfg.meta.method}"
+    out = []
+    zero = ds.get("zero_optimization") or {}
+    if zero_stage(ds) not in (1, 2, 3):
+        out.append(f"train.ds_config={cfg.train.ds_config}: {m} runs on ZeRO partitions (got stage {zero_stage(ds)}); "
+                   "use a ZeRO-1, 2 or 3 config (templates: zero2, zero2_offload, zero3, zero3_offload)")
+    for part in ("offload_optimizer", "offload_param"):
+        if str((zero.get(part) or {}).get("device", "none")).endswith("nvme"):
+            out.append(f"train.ds_config={cfg.train.ds_config}: zero_optimization.{part}.device=nvme is not supported "
+                       f"with {m} (partitions swapped out); use cpu or none")
+    if (ds.get("fp16") or {}).get("enabled") is True:
+        out.append(f"train.ds_config={cfg.train.ds_config}: fp16 loss scaling is not supported with {m}; use bf16 or fp32")
+    return out
 
 
 # --------------------------------------------------------------------------- trainer
@@ -194,6 +249,11 @@ class MultitaskTrainer:
     ``resume``: None = resume when the run directory has a checkpoint, True = must resume,
     False = start fresh.
     """
+
+    meta_mode = False
+    """``meta.method != none``: every optimizer step is a meta-learning outer step."""
+    meta = None
+    """megamt.gradients.meta.MetaPartitions in meta mode."""
 
     def __init__(self, model: MultitaskModel | None, config: MultitaskConfig, *, pipeline=None,
                  eval_batches=None, resume: bool | None = None):
@@ -212,23 +272,39 @@ class MultitaskTrainer:
         # gradient-method mode: one task-homogeneous micro-batch per training task per step
         self.gradient_method_mode = config.gradients.method != "none"
         self.grad_accum = len(self.train_tasks) if self.gradient_method_mode else self.tcfg.grad_accum
+        # meta-learning: every optimizer step is one outer step of inner updates on one task's
+        # micro-batches (megamt.gradients.meta); DeepSpeed sees GAS = 1 and no boundary in between
+        self.meta_mode = config.meta.method != "none"
         hf = hf_config(config.model) if model is None else getattr(model.backbone, "config", None)
         self.dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
             resolve_dtype(config.model)]
         self.ds_config = build_ds_config(config, self.world_size, grad_accum=self.grad_accum,
                                          hidden_size=hidden_size_of(hf) if hf is not None else None,
                                          dtype=self.dtype_name)
+        if self.meta_mode:
+            problems = meta_ds_problems(self.ds_config, config)
+            if problems:
+                from megamt.config import ConfigError
+
+                raise ConfigError(problems)
         if model is None:
             model = self.build_model()
         self.model = model
+        self.memory_plan = self.resolve_gradient_checkpointing(hf)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         self.device = self.engine.device
         self._own_pipeline = pipeline is None
-        self.pipeline = pipeline if pipeline is not None else self.build_pipeline()
+        self.pin_memory = torch.cuda.is_available()
+        self.pipeline = (PrefetchingPipeline(pipeline, enabled=self.tcfg.prefetch) if pipeline is not None
+                         else self.build_pipeline())
         self.eval_batches = eval_batches
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.tcfg.keep_last, self.rank,
-                                             self.world_size, barrier)
+        # checkpoint I/O waits on a long-timeout group of its own; rank 0 decides, the others follow
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", self.tcfg.keep_last, self.rank, self.world_size,
+            CheckpointComm(self.tcfg.checkpoint_timeout_s, normal_timeout_s=self.tcfg.dist_timeout_s),
+            convert_max_gb=self.tcfg.elastic_convert_max_gb, wait_timeout_s=self.tcfg.checkpoint_timeout_s,
+            log=lambda text: print(text, flush=True))
         self.n_params = describe(model)["parameters"]
         self.step = 0
         self.consecutive_nonfinite = 0
@@ -242,12 +318,12 @@ class MultitaskTrainer:
         self.balancer = build_balancer(config.gradients, self.task_names)
         self.monitor_every = config.gradients.monitor_every
         self.surgery = None
-        if self.gradient_method_mode or self.monitor_every:
+        if self.gradient_method_mode or self.monitor_every or config.gradients.affinity_every:
             # losses.step_loss cancels DeepSpeed's 1/GAS and rank averaging, so a snapshot
             # difference is exactly d(w_t * mean_t)/d(theta): no GAS rescaling of G
             self.surgery = GradientSurgery(self.engine, config.gradients, self.task_names,
                                            method=None if self.gradient_method_mode else "none",
-                                           scale_wrt_gas=False)
+                                           scale_wrt_gas=False, train_tasks=self.train_tasks)
         # GradNorm on steps that do not measure G: per-task gradient norms at the shared
         # representation, from the one mixed backward (megamt.gradients.representation)
         self.rep_grad_norms = None
@@ -257,6 +333,27 @@ class MultitaskTrainer:
 
             self.rep_grad_norms = RepresentationGradNorms(self.num_tasks)
             self.model.track_representation_grad_norms(self.rep_grad_norms)
+        self.meta = None
+        if self.meta_mode:
+            from megamt.gradients.meta import MetaPartitions
+
+            self.meta = MetaPartitions(self.engine, config.meta.inner_optimizer, betas=tuple(config.meta.inner_betas))
+        # TAG inter-task affinity on measuring steps (megamt.gradients.affinity): the lookahead
+        # runs inside surgery.finish() on the per-task partitions, the first-order one from G
+        self.affinity = None
+        if config.gradients.affinity_every:
+            from megamt.gradients.affinity import TaskAffinity
+
+            self.affinity = TaskAffinity(
+                config.gradients, self.task_names, lr=self.tcfg.lr, surgery=self.surgery, run_dir=self.run_dir,
+                rank=self.rank, forward=lambda b: self.engine({k: v.to(self.device) if torch.is_tensor(v) else v
+                                                               for k, v in b.items()}))
+        self.on_validation = None
+        """Optional ``callback(trainer, losses, results) -> bool`` after every validation, on every
+        rank (``results``: the metrics when ``eval.during_training``, else None). It must give the
+        same answer on every rank; True ends training after this validation, without a
+        checkpoint (an HPO pruner stopping a trial: megamt.experiments.hpo)."""
+        self.stopped_by_callback = False
         self.metrics: MetricsLogger | None = None
 
     # ----------------------------------------------------------------- building
@@ -269,15 +366,41 @@ class MultitaskTrainer:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: keep a reference
         return MultitaskModel(self.cfg)
 
-    def build_pipeline(self, config: MultitaskConfig | None = None):
+    def build_pipeline(self, config: MultitaskConfig | None = None) -> PrefetchingPipeline:
         from megamt.data.pipeline import TrainPipeline
 
-        return TrainPipeline(config or self.cfg, self.rank, self.world_size)
+        return PrefetchingPipeline(TrainPipeline(config or self.cfg, self.rank, self.world_size),
+                                   enabled=self.tcfg.prefetch)
+
+    def resolve_gradient_checkpointing(self, hf):
+        """``model.gradient_checkpointing=auto``: on when megamt.plan's estimate of this run's
+        per-device peak without it exceeds the device's memory (the CUDA device's; on CPU ranks
+        the machine's RAM shared by its ranks). Returns the plan (None when not auto)."""
+        if self.cfg.model.gradient_checkpointing != "auto" or hf is None:
+            return None
+        from megamt.plan import device_memory_bytes, plan_memory, shape_of
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        try:
+            plan = plan_memory(self.cfg, shape_of(self.model.backbone, hf), world_size=self.world_size,
+                               device_bytes=device_memory_bytes(local), gpus_per_node=local,
+                               ds_config=self.ds_config, dtype=self.dtype_name, grad_accum=self.grad_accum)
+        except Exception as e:  # noqa: BLE001 -- an estimate must not stop a run that may fit
+            if self.rank == 0:
+                print(f"WARNING model.gradient_checkpointing=auto: no memory estimate for this model ({e!r}); "
+                      "left off (set it to true or false)", file=sys.stderr, flush=True)
+            return None
+        if plan.gradient_checkpointing and not self.model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        return plan
 
     # ----------------------------------------------------------------- derived numbers
     def derived(self) -> dict[str, Any]:
         """Derived numbers printed at start-up and saved with every checkpoint."""
         t, seq = self.tcfg, self.cfg.data.seq_len
+        # a seq2seq row is an encoder row of seq_len and a decoder row of target_len
+        row = seq + self.cfg.data.target_len if self.model.family == "seq2seq" else seq
+        extra = {"target_len": self.cfg.data.target_len} if self.model.family == "seq2seq" else {}
         return {
             "world_size": self.world_size,
             "zero_stage": zero_stage(self.ds_config),
@@ -287,11 +410,21 @@ class MultitaskTrainer:
             "parameters": self.n_params,
             "micro_batch_size": t.micro_batch_size,
             "seq_len": seq,
+            **extra,
             "grad_accum": self.grad_accum,
+            "micro_batches_per_step": self.micro_batches_per_step,
             "gradient_method_mode": self.gradient_method_mode,
-            # micro_batch rows * seq_len tokens * accumulation * ranks
-            "tokens_per_step": t.micro_batch_size * seq * self.grad_accum * self.world_size,
-            "tokens_total": t.micro_batch_size * seq * self.grad_accum * self.world_size * t.max_steps,
+            "meta_method": self.cfg.meta.method,
+            "gradient_checkpointing": bool(getattr(self.model, "gradient_checkpointing", False)),
+            "gradient_checkpointing_setting": self.cfg.model.gradient_checkpointing,
+            # megamt.plan's per-device estimate (GiB) behind gradient_checkpointing=auto
+            "memory_plan_peak_gib": None if self.memory_plan is None else round(self.memory_plan.peak / 2**30, 3),
+            "device_memory_gib": None if self.memory_plan is None else round(self.memory_plan.device_bytes / 2**30, 3),
+            "prefetch": bool(self.tcfg.prefetch),
+            "grad_comm_dtype": self.ds_config.get("communication_data_type", self.dtype_name),
+            # micro_batch rows * row tokens * micro-batches per step (accumulation, inner steps) * ranks
+            "tokens_per_step": t.micro_batch_size * row * self.micro_batches_per_step * self.world_size,
+            "tokens_total": t.micro_batch_size * row * self.micro_batches_per_step * self.world_size * t.max_steps,
             "max_steps": t.max_steps,
         }
 
@@ -302,7 +435,8 @@ class MultitaskTrainer:
         p = self.metrics.print
         p("=" * 72 + "\nmegamt train: resolved config\n" + "-" * 72 + "\n" + self.cfg.to_yaml().rstrip())
         p("-" * 72 + "\nderived numbers")
-        p(f"  {d['micro_batch_size']} rows * {d['seq_len']} tokens * {d['grad_accum']} accum * {d['world_size']} ranks"
+        row = f"({d['seq_len']} encoder + {d['target_len']} decoder)" if "target_len" in d else d["seq_len"]
+        p(f"  {d['micro_batch_size']} rows * {row} tokens * {d['micro_batches_per_step']} micro-batches * {d['world_size']} ranks"
           f" = {d['tokens_per_step']:,} tokens/step; {d['max_steps']} steps = {d['tokens_total']:,} tokens")
         for k, v in d.items():
             p(f"  {k}: {v}")
@@ -320,7 +454,7 @@ class MultitaskTrainer:
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.tcfg.max_steps, log_every=self.tcfg.log_every,
                                      progress_bar=self.tcfg.progress_bar, start_step=self.step)
         self.print_startup()
-        if self.step == 0 and self.tcfg.eval_at_start:
+        if (self.step == 0 and self.tcfg.eval_at_start) or self.missed_validation():
             self.validate()
         result = None
         last_saved = self.step
@@ -336,6 +470,9 @@ class MultitaskTrainer:
                     return {"step": self.step, "stopped": True}
                 if self.tcfg.eval_every and self.step % self.tcfg.eval_every == 0 and self.step < self.tcfg.max_steps:
                     self.validate()
+                    if self.stopped_by_callback:
+                        self.metrics.print(f"stopped at step {self.step} by the validation callback (no checkpoint)")
+                        return {"step": self.step, "stopped": True, "stopped_by_callback": True}
                 if self.tcfg.save_every and self.step % self.tcfg.save_every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
@@ -345,88 +482,296 @@ class MultitaskTrainer:
             return {"step": self.step, "stopped": False, "eval_loss": eval_losses,
                     "loss": None if result is None else result.loss}
         finally:
+            self.pipeline.close()
             self.metrics.close()
 
+    def missed_validation(self) -> bool:
+        """A run stopped (signal, ``stop_at_step``) right after a step that validates checkpoints
+        before validating; ``target_gap`` mixing needs that evaluation, so the resumed run does it."""
+        mixture = getattr(self.pipeline, "mixture", None)
+        dyn = getattr(mixture, "dynamic", None)
+        every = self.tcfg.eval_every
+        return (self.step > 0 and every > 0 and self.step % every == 0 and self.step < self.tcfg.max_steps
+                and getattr(dyn, "last_eval", self.step) < self.step)
+
     def train_step(self) -> StepResult:
-        """One optimizer step: prefetch micro-batches, count targets once, forward/backward each."""
+        """One optimizer step: take the step's (prefetched) micro-batches, count targets once,
+        forward/backward each; the step's numbers stay on the device until reduce_step_numbers."""
         t0 = time.perf_counter()
-        if hasattr(self.pipeline, "set_step"):
-            self.pipeline.set_step(self.step)
+        if not isinstance(self.pipeline, PrefetchingPipeline):  # a pipeline assigned after __init__
+            self.pipeline = PrefetchingPipeline(self.pipeline, enabled=self.tcfg.prefetch)
+        if self.meta_mode:
+            return self.meta_train_step(t0)
         measure = self.measures_task_gradients(self.step + 1)
-        micro_batches = self.next_micro_batches(per_task=measure)
-        global_count, tokens = self.global_target_counts(micro_batches)
+        following = self.step + 1 if self.step + 1 < self.tcfg.max_steps else None
+        built = self.pipeline.take(self.step, self.next_micro_batches, next_step=following)
+        data_wait_s = self.pipeline.wait_s
+        global_count = self.global_target_counts(built.local_counts)  # [T+1] on the device
         weights = self.task_weights()
-        loss_sum = torch.zeros(self.num_tasks, dtype=torch.float32)
+        weights_dev = self.to_device(weights)
+        # the fused loss' upstream gradient is w_t / N_t up to one scalar (step_loss): with it
+        # as a hint the kernel computes the gradients during the forward (3 matmuls, not 4)
+        grad_scale = weights_dev / global_count[:-1].clamp_min(1.0)
+        loss_sum = torch.zeros(self.num_tasks, dtype=torch.float32, device=self.device)
         stats = None
         if measure:
             self.surgery.begin_step()
         if self.rep_grad_norms is not None:
             self.rep_grad_norms.enabled = not measure  # a measuring step has G
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
+        for i, batch in enumerate(built.micro_batches):
+            last = i == len(built.micro_batches) - 1
             # the boundary is set explicitly: a measuring step has one micro-batch per task,
             # the others train.grad_accum (step_loss scales by DeepSpeed's GAS either way)
             self.engine.set_gradient_accumulation_boundary(last)
             if measure:
                 self.surgery.before_backward()  # ZeRO-1/2: each task's backward is reduced on its own
-            task_loss = self.forward_backward_step(batch, global_count, weights)
-            loss_sum += task_loss.loss_sum.detach().float().cpu()
+            task_loss = self.forward_backward_step(batch, global_count[:-1], weights_dev, grad_scale)
+            loss_sum += task_loss.loss_sum.detach().float()
             if measure:
                 # micro-batch i holds task self.train_tasks[i] only
                 self.surgery.after_backward(self.task_names.index(self.train_tasks[i]))
                 if last:
+                    if self.affinity is not None:  # the lookahead runs inside finish() when due
+                        self.affinity.arm(self.step + 1, {self.task_names.index(t): b for t, b in
+                                                          zip(self.train_tasks, built.micro_batches)})
                     stats = self.surgery.finish()  # combined partitions written back before the real step
             self.engine.step()  # DeepSpeed: a no-op for the weights until the accumulation boundary
-        # one all-reduce: the step's per-task loss sums and the stop flag of every rank
-        reduced = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(self._signal is not None)])]).to(
-            self.device)).cpu()
-        loss_sum, stop = reduced[:-1], bool(reduced[-1] > 0)
-        means = task_means(loss_sum, global_count)
-        present = global_count > 0
-        loss = float((weights * means)[present].sum())
         rep = self.rep_grad_norms.take(self.world_size) if self.rep_grad_norms is not None and not measure else None
-        self.balancer.update(self.step + 1, torch.where(present, means, torch.full_like(means, float("nan"))),
-                             gram=None if stats is None else stats.gram, present=present, grad_norms=rep)
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = None if grad_norm is None else float(grad_norm)
+        n = self.reduce_step_numbers(loss_sum, global_count, self.engine.get_global_grad_norm(), t0, data_wait_s)
+        means = [s / max(c, 1.0) for s, c in zip(n["loss_sum"], n["count"])]  # losses.task_means on host floats
+        present = [c > 0 for c in n["count"]]
+        self.update_mixture(means, present)
+        w = weights.tolist()  # the balancer's weights live on the host
+        loss = sum(w[i] * means[i] for i in range(self.num_tasks) if present[i])
+        present_t = torch.tensor(present)
+        self.balancer.update(self.step + 1, torch.tensor([m if p else float("nan") for m, p in zip(means, present)]),
+                             gram=None if stats is None else stats.gram, present=present_t, grad_norms=rep)
+        affinity = (self.affinity.scalars() if self.affinity is not None and self.affinity.update(
+            self.step + 1, stats, [m if p else float("nan") for m, p in zip(means, present)]) else None)
         applied = self.engine.was_step_applied()
         nonfinite = [self.task_names[i] for i in range(self.num_tasks) if present[i] and not math.isfinite(means[i])]
-        self.check_finite(applied, nonfinite, grad_norm)
+        self.check_finite(applied, nonfinite, n["grad_norm"])
         return StepResult(
             step=self.step + 1, loss=loss,
-            task_loss={self.task_names[i]: float(means[i]) for i in range(self.num_tasks) if present[i]},
-            task_tokens={self.task_names[i]: int(global_count[i]) for i in range(self.num_tasks)
+            task_loss={self.task_names[i]: means[i] for i in range(self.num_tasks) if present[i]},
+            task_tokens={self.task_names[i]: int(n["count"][i]) for i in range(self.num_tasks)
                          if self.task_names[i] in self.train_tasks},
-            tokens=tokens, grad_norm=grad_norm, lr=float(self.engine.get_lr()[0]),
+            tokens=int(n["tokens"]), grad_norm=n["grad_norm"], lr=float(self.engine.get_lr()[0]),
             step_time_s=time.perf_counter() - t0, applied=applied and not nonfinite, nonfinite_tasks=nonfinite,
-            stop_requested=stop, weights={t: float(weights[i]) for i, t in enumerate(self.task_names)
-                                          if t in self.train_tasks}, surgery=stats,
-            rep_grad_norms=None if rep is None else {t: float(rep[i]) for i, t in enumerate(self.task_names)
-                                                     if present[i]})
+            stop_requested=n["stop"], weights={t: w[i] for i, t in enumerate(self.task_names) if t in self.train_tasks},
+            surgery=stats, rep_grad_norms=None if rep is None else {
+                t: float(rep[i]) for i, t in enumerate(self.task_names) if present[i]},
+            step_time_s_min=min(n["step_time_s"]), step_time_s_max=max(n["step_time_s"]),
+            data_wait_s_max=max(n["data_wait_s"]), affinity=affinity)
+
+    def reduce_step_numbers(self, loss_sum: torch.Tensor, global_count: torch.Tensor, grad_norm,
+                            t0: float, data_wait_s: float, extra: torch.Tensor | None = None) -> dict[str, Any]:
+        """The step's closing collective and its only device-to-host transfer.
+
+        Every rank writes its row of a ``[world, T + 3]`` table (its loss sums, stop flag, step
+        time, data wait) and zeros elsewhere; the sum over ranks is then an exact all-gather
+        (x + 0 = x), so the loss sums add up on the host and the step times give min and max
+        over ranks without another collective (22 KB at 512 ranks and 8 tasks). The table, the
+        step's global counts and the grad norm come to the host in one transfer. ``extra``: more
+        per-rank numbers (on the device) whose sums over ranks come back as ``"extra"``.
+        """
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # this rank's step time ends with its device work
+        elapsed = time.perf_counter() - t0
+        T = self.num_tasks
+        E = 0 if extra is None else extra.numel()
+        table = comm.zeros((self.world_size, T + 3 + E))
+        table[self.rank, :T] = loss_sum
+        for j, value in enumerate((float(self._signal is not None), elapsed, data_wait_s)):
+            table[self.rank, T + j] = value  # a fill with a host scalar: no copy, no sync
+        if E:
+            table[self.rank, T + 3:] = extra.reshape(-1)
+        comm.all_reduce(table)
+        width = T + 3 + E
+        parts = [table.flatten(), global_count.float()]
+        if torch.is_tensor(grad_norm):
+            parts.append(grad_norm.detach().float().reshape(1))
+        host = torch.cat(parts).tolist()  # the transfer
+        rows = [host[r * width:(r + 1) * width] for r in range(self.world_size)]
+        counts = host[self.world_size * width:self.world_size * width + T + 1]
+        if torch.is_tensor(grad_norm):
+            grad_norm = host[-1]
+        return {"loss_sum": [sum(r[t] for r in rows) for t in range(T)], "count": counts[:T],  # float64 sums
+                "tokens": counts[T], "stop": any(r[T] > 0 for r in rows),
+                "step_time_s": [r[T + 1] for r in rows], "data_wait_s": [r[T + 2] for r in rows],
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "extra": [sum(r[T + 3 + e] for r in rows) for e in range(E)]}
+
+    def update_mixture(self, means: list[float], present: list[bool]) -> None:
+        """``mixture.strategy=dynamic``: hand the step's per-task mean losses (already
+        all-reduced, so identical on every rank; no collective here) to the pipeline's mixture,
+        which may update the rates of the steps that follow."""
+        if self.cfg.mixture.strategy != "dynamic" or not hasattr(self.pipeline, "observe_losses"):
+            return
+        losses = {t: v for t, v, p in zip(self.task_names, means, present)
+                  if p and t in self.train_tasks and math.isfinite(v)}
+        self.pipeline.observe_losses(self.step + 1, losses)
 
     def measures_task_gradients(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) runs per-task backward passes."""
-        return self.gradient_method_mode or bool(self.monitor_every and step % self.monitor_every == 0)
+        return (self.gradient_method_mode or bool(self.monitor_every and step % self.monitor_every == 0)
+                or (self.affinity is not None and self.affinity.due(step)))
 
-    def next_micro_batches(self, per_task: bool = False) -> list[dict[str, Any]]:
-        """The whole step's micro-batches, fetched before any forward (their target counts
-        are needed up front for the global normalisation)."""
-        if per_task:
+    def next_micro_batches(self, pipeline, step: int) -> StepBatches:
+        """Step ``step``'s (0-based) micro-batches and their local target counts, on the host.
+
+        Runs in the prefetch thread (``train.prefetch``) while step ``step - 1`` trains, so it
+        touches only ``pipeline`` and the batches. All micro-batches come before any forward:
+        their target counts are needed up front for the global normalisation.
+        """
+        if hasattr(pipeline, "set_step"):
+            pipeline.set_step(step)
+        if self.meta_mode:
+            return self.next_meta_batches(pipeline, step)
+        if self.measures_task_gradients(step + 1):
             # one task-homogeneous micro-batch per training task, in task order, each its own
             # forward + backward (ZeRO-3 cannot backward twice through one forward);
             # megamt.gradients.GradientSurgery measures and combines them before the step.
-            return [self.pipeline.next_batch(task=t) for t in self.train_tasks]
-        return [self.pipeline.next_batch() for _ in range(self.grad_accum)]
+            batches = [pipeline.next_batch(task=t) for t in self.train_tasks]
+        else:
+            batches = [pipeline.next_batch() for _ in range(self.grad_accum)]
+        from megamt.data.packing import non_pad_tokens
 
-    def global_target_counts(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
-        """Per-task target tokens of the step over all ranks (fp32 [T]) and the step's non-pad
-        tokens, with one all-reduce of T+1 numbers."""
         local = torch.zeros(self.num_tasks + 1, dtype=torch.float32)
-        for b in micro_batches:
+        for b in batches:
             local[:-1] += self.count_loss_terms(b)
-            local[-1] += float((b["task_ids"] >= 0).sum())
-        total = all_reduce_sum(local.to(self.device)).cpu()
-        return total[:-1], int(total[-1])
+            local[-1] += non_pad_tokens(b)  # both sides of a seq2seq batch
+        for b in batches:  # host copies of the segment boundaries (megamt.attention's per-segment path reads them)
+            for key in [k for k in b if k.endswith("cu_seqlens") and torch.is_tensor(b[k])]:
+                b[key + "_host"] = tuple(b[key].tolist())
+        if self.pin_memory:  # page-locked: the copies to the device run asynchronously
+            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+            local = local.pin_memory()
+        return StepBatches(step, batches, local)
+
+    # ----------------------------------------------------------------- meta-learning
+    def next_meta_batches(self, pipeline, step: int) -> StepBatches:
+        """Outer step ``step``'s micro-batches (meta.method): its task(s) (``meta.tasks_per_step``),
+        drawn by the mixture's rates from a generator seeded by (meta.seed, step) -- the same on every
+        rank and on resume, without a collective -- then per task one task-homogeneous micro-batch per
+        inner step (fomaml: one more, the query), each with its own local counts (each inner step
+        is normalised alone)."""
+        from megamt.gradients.meta import sample_meta_tasks
+
+        mcfg = self.cfg.meta
+        tasks = sample_meta_tasks(pipeline.rates(step), self.train_tasks, mcfg.seed, step, mcfg.tasks_per_step)
+        batches = [pipeline.next_batch(task=t) for t in tasks for _ in range(self.micro_batches_per_task)]
+        local = torch.zeros((len(batches), self.num_tasks + 1), dtype=torch.float32)
+        for i, b in enumerate(batches):
+            local[i, :-1] = self.count_loss_terms(b)
+            local[i, -1] = (b["task_ids"] >= 0).sum()
+        if self.pin_memory:
+            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+            local = local.pin_memory()
+        return StepBatches(step, batches, local, tasks=tasks)
+
+    @property
+    def micro_batches_per_task(self) -> int:
+        """Meta-learning: forward/backward passes per task of an outer step (inner steps, + the fomaml query)."""
+        return self.cfg.meta.inner_steps + (self.cfg.meta.method == "fomaml")
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Forward/backward passes per rank per optimizer step."""
+        if self.meta_mode:
+            return self.micro_batches_per_task * self.cfg.meta.tasks_per_step
+        return self.grad_accum
+
+    def meta_train_step(self, t0: float) -> StepResult:
+        """One outer step (meta.method, megamt.gradients.meta): every micro-batch but a fomaml query
+        is an inner update of this rank's partitions; batched Reptile ends each task's block with
+        ``end_task()``; then the outer update. Reptile's waits for the step's closing all-reduce: a
+        non-finite loss or displacement restores theta0 instead."""
+        from megamt.gradients.meta import reptile_epsilon
+
+        mcfg = self.cfg.meta
+        fomaml = mcfg.method == "fomaml"
+        following = self.step + 1 if self.step + 1 < self.tcfg.max_steps else None
+        built = self.pipeline.take(self.step, self.next_micro_batches, next_step=following)
+        data_wait_s = self.pipeline.wait_s
+        counts = self.global_target_counts(built.local_counts)  # [micro-batches, T+1], ONE all-reduce
+        T = self.num_tasks
+        ones = torch.ones(T, dtype=torch.float32, device=self.device)
+        loss_sum = torch.zeros(T, dtype=torch.float32, device=self.device)
+        first = torch.zeros_like(loss_sum)  # per task: its blocks' first micro-batch means, summed
+        last = torch.zeros_like(loss_sum)
+        per_task = self.micro_batches_per_task
+        batched = len(built.tasks) > 1
+        self.meta.begin_outer()
+        for i, batch in enumerate(built.micro_batches):
+            query = fomaml and i % per_task == per_task - 1
+            # the fomaml query is a boundary (the outer optimizer steps); an inner backward is one on ZeRO-1/2
+            # (where the reduced gradient reaches the partition) and not on ZeRO-3 (it stays in the partition)
+            self.engine.set_gradient_accumulation_boundary(query or self.meta.inner_boundary)
+            count = counts[i, :-1]
+            task_loss = self.forward_backward_step(batch, count, ones, ones / count.clamp_min(1.0))
+            ls = task_loss.loss_sum.detach().float()
+            loss_sum = loss_sum + ls
+            share = ls / count.clamp_min(1.0)  # this rank's share of the micro-batch's global mean
+            if i % per_task == 0:
+                first = first + share
+            if i % per_task == per_task - 1:
+                last = last + share
+            if not query:
+                self.meta.inner_step(mcfg.inner_lr)
+            if batched and i % per_task == per_task - 1:
+                self.meta.end_task()  # its displacement kept, theta0 back for the next task
+        extra = torch.cat([first, last, self.meta.displacement_sq().float().reshape(1).to(self.device)])
+        grad_norm = None
+        if fomaml:
+            self.meta.restore(publish=False)  # the query gradient (at theta_k) is applied at theta0
+            self.engine.step()  # publishes the weights, as every step does
+            if not self.engine.was_step_applied():
+                self.meta.publish()  # skipped: the model still holds theta_k
+            grad_norm = self.engine.get_global_grad_norm()
+        n = self.reduce_step_numbers(loss_sum, counts.sum(0), grad_norm, t0, data_wait_s, extra=extra)
+        means = [s / max(c, 1.0) for s, c in zip(n["loss_sum"], n["count"])]
+        present = [c > 0 for c in n["count"]]
+        self.update_mixture(means, present)
+        nonfinite = [self.task_names[i] for i in range(T) if present[i] and not math.isfinite(means[i])]
+        displacement = math.sqrt(n["extra"][2 * T]) if n["extra"][2 * T] >= 0 else float("nan")
+        if fomaml:
+            applied, lr = self.engine.was_step_applied(), float(self.engine.get_lr()[0])
+        else:
+            lr = reptile_epsilon(mcfg.outer_lr, mcfg.outer_lr_schedule, self.step, self.tcfg.max_steps)
+            applied = not nonfinite and math.isfinite(displacement)
+            if applied:
+                self.meta.reptile_outer(lr)
+            else:
+                self.meta.restore()
+        self.check_finite(applied, nonfinite, n["grad_norm"])
+        blocks = {t: built.tasks.count(t) for t in dict.fromkeys(built.tasks)}
+        idx = {t: self.task_names.index(t) for t in blocks}
+        return StepResult(
+            step=self.step + 1, loss=sum(means[i] for i in range(T) if present[i]),
+            task_loss={self.task_names[i]: means[i] for i in range(T) if present[i]},
+            task_tokens={t: int(n["count"][i]) for i, t in enumerate(self.task_names) if t in self.train_tasks},
+            tokens=int(n["tokens"]), grad_norm=n["grad_norm"], lr=lr, step_time_s=time.perf_counter() - t0,
+            applied=applied and not nonfinite, nonfinite_tasks=nonfinite, stop_requested=n["stop"],
+            step_time_s_min=min(n["step_time_s"]), step_time_s_max=max(n["step_time_s"]),
+            data_wait_s_max=max(n["data_wait_s"]),
+            meta={"tasks": list(built.tasks),
+                  "inner_loss_before": {t: n["extra"][idx[t]] / b for t, b in blocks.items()},
+                  "inner_loss_after": {t: n["extra"][T + idx[t]] / b for t, b in blocks.items()},
+                  "displacement_norm": displacement, "outer_lr": lr})
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the engine's device without blocking the host."""
+        if self.pin_memory and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def global_target_counts(self, local_counts: torch.Tensor) -> torch.Tensor:
+        """Per-task target tokens of the step over all ranks, then the step's non-pad tokens:
+        fp32 [T+1] on the device, ONE all-reduce, no host sync (read back in reduce_step_numbers)."""
+        total = comm.zeros(tuple(local_counts.shape))
+        total.copy_(local_counts, non_blocking=True)
+        return comm.all_reduce(total)
 
     def count_loss_terms(self, batch: dict[str, Any]) -> torch.Tensor:
         """Per-task loss terms of a micro-batch from its labels alone (no forward)."""
@@ -438,23 +783,20 @@ class MultitaskTrainer:
 
     def task_weights(self) -> torch.Tensor:
         """Per-task loss weights w_t of this step, from the balancer (gradients.loss_weighting);
-        constant within the step, identical on every rank."""
-        return self.balancer.current_weights().detach().float().cpu()
+        constant within the step, identical on every rank; a host tensor (the balancer's
+        parameters live on the CPU)."""
+        return self.balancer.current_weights().detach().float()
 
-    def forward_backward_step(self, batch: dict[str, Any], global_count: torch.Tensor,
-                              weights: torch.Tensor) -> TaskLoss:
-        """Forward one micro-batch, backward its share of the step objective; returns its TaskLoss."""
+    def forward_backward_step(self, batch: dict[str, Any], global_count: torch.Tensor, weights: torch.Tensor,
+                              grad_scale: torch.Tensor) -> TaskLoss:
+        """Forward one micro-batch, backward its share of the step objective; returns its TaskLoss.
+        ``global_count``, ``weights`` and ``grad_scale`` (= weights / N_t) are on the device."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        # the fused loss' upstream gradient is w_t / N_t up to one scalar (step_loss): with it
-        # as a hint the kernel computes the gradients during the forward (3 matmuls, not 4)
-        batch["loss_grad_scale"] = (weights / global_count.clamp_min(1.0)).to(self.device)
+        batch["loss_grad_scale"] = grad_scale
         task_loss = self.engine(batch)
         if self.step + 1 in self._fault_steps:
-            poison = torch.ones_like(task_loss.loss_sum)
-            poison[int(torch.nonzero(global_count > 0)[0])] = float("nan")
-            task_loss = TaskLoss(task_loss.loss_sum * poison.to(task_loss.loss_sum), task_loss.count)
-        loss = step_loss(task_loss, global_count.to(self.device), weights.to(self.device), self.world_size,
-                         self.grad_accum)
+            task_loss = poison_first_task(task_loss, global_count)
+        loss = step_loss(task_loss, global_count, weights, self.world_size, self.grad_accum)
         self.engine.backward(loss)
         return task_loss
 
@@ -500,7 +842,7 @@ class MultitaskTrainer:
                         self.metrics.print(f"eval: no {split} data for task {task!r} ({e}); skipped")
                     batches = []
                 # ZeRO-3 forwards are collective: every rank runs as many as the busiest rank
-                n = int(self._all_reduce_max(len(batches)))
+                n = int(comm.reduce_values([len(batches)], "max")[0])
                 for i in range(n):
                     batch = batches[i] if i < len(batches) else self.padding_batch(batches)
                     batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -510,15 +852,9 @@ class MultitaskTrainer:
                     count += tl.count.detach().float().cpu()
         finally:
             self.engine.train()
-        reduced = all_reduce_sum(torch.cat([loss_sum, count]).to(self.device)).cpu()
+        reduced = comm.all_reduce(comm.on_device(torch.cat([loss_sum, count]))).cpu()
         loss_sum, count = reduced[: self.num_tasks], reduced[self.num_tasks:]
         return {self.task_names[i]: float(loss_sum[i] / count[i]) for i in range(self.num_tasks) if count[i] > 0}
-
-    def _all_reduce_max(self, value: float) -> float:
-        t = torch.tensor([float(value)], device=self.device)
-        if torch.distributed.is_initialized() and self.world_size > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t[0])
 
     def padding_batch(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """An all-padding batch (no loss term) for a rank with fewer eval batches than others."""
@@ -542,6 +878,11 @@ class MultitaskTrainer:
         scalars["train/grad_norm"] = r.grad_norm if r.grad_norm is not None and math.isfinite(r.grad_norm) else None
         scalars["perf/tokens_per_s"] = r.tokens / r.step_time_s
         scalars["perf/step_time_s"] = r.step_time_s
+        # over ranks: a slow node shows as max >> min (every rank's own time, before the closing
+        # all-reduce); a rank starved of batches as a large data wait
+        scalars["perf/step_time_s_min"] = r.step_time_s_min
+        scalars["perf/step_time_s_max"] = r.step_time_s_max
+        scalars["perf/data_wait_s_max"] = r.data_wait_s_max
         scalars["perf/mfu"] = estimate_mfu(self.n_params, r.tokens / r.step_time_s / self.world_size)
         scalars["mem/peak_gib"] = peak_memory_gib()
         if not r.applied:
@@ -551,6 +892,14 @@ class MultitaskTrainer:
                 scalars[f"loss_weight/{task}"] = w
         for task, n in (r.rep_grad_norms or {}).items():
             scalars[f"grad/rep_norm/{task}"] = n
+        if r.meta is not None:
+            # before = the outer step's first micro-batch at theta0; after = its last one (fomaml: the
+            # query at the adapted theta_k; reptile: the last inner step's, at theta_(k-1))
+            for task, v in r.meta["inner_loss_before"].items():
+                scalars[f"meta/inner_loss/{task}/before"] = v
+                scalars[f"meta/inner_loss/{task}/after"] = r.meta["inner_loss_after"][task]
+            scalars["meta/displacement_norm"] = r.meta["displacement_norm"]
+            scalars["meta/outer_lr"] = r.meta["outer_lr"]
         if r.surgery is not None:
             for part, seconds in r.surgery.timings.items():
                 scalars[f"grad/time_s/{part}"] = seconds
@@ -562,25 +911,32 @@ class MultitaskTrainer:
                 scalars.update(interference_scalars(self.task_names, r.surgery.gram, r.surgery.present))
                 self.metrics.writer.add_image("grad/cos_heatmap", cosine_heatmap(
                     self.task_names, cosine_matrix(r.surgery.gram), r.surgery.present), r.step, dataformats="CHW")
+        if r.affinity:
+            scalars.update(r.affinity)
+            self.metrics.writer.add_image("affinity/heatmap", self.affinity.heatmap(), r.step, dataformats="CHW")
         self.metrics.log_step(r.step, scalars)
 
     def validate(self) -> dict[str, float]:
         """Per-task validation loss, and per-task metrics when ``eval.during_training``."""
         losses = self.evaluate_loss()
         self.log_eval(losses)
-        if self.cfg.eval.during_training:
-            self.evaluate_metrics()
+        results = self.evaluate_metrics() if self.cfg.eval.during_training else None
+        if self.cfg.mixture.strategy == "dynamic" and hasattr(self.pipeline, "observe_eval"):
+            # identical on every rank: the losses are all-reduced, the metrics broadcast
+            self.pipeline.observe_eval(self.step, losses, results)
+        if self.on_validation is not None and self.on_validation(self, losses, results):
+            self.stopped_by_callback = True
         return losses
 
     def evaluate_metrics(self) -> dict[str, Any]:
-        """megamt.eval on a plain copy of the weights (gathered from the ZeRO-3 partitions, a
-        collective), examples split over the ranks; ``eval/<task>/<metric>`` from rank 0."""
-        from megamt.eval.api import evaluate, gather_plain_copy
+        """megamt.eval on the engine's module itself (ZeRO-3: partitioned, one module gathered
+        at a time, on this rank's device; the ranks in lockstep), examples split over the
+        ranks; ``eval/<task>/<metric>`` from rank 0."""
+        from megamt.eval.api import evaluate
         from megamt.eval.report import log_eval
 
-        plain = gather_plain_copy(self.engine.module, self.cfg)
-        results = evaluate(plain, config=self.cfg, out_dir=self.run_dir / "eval" / f"step_{self.step:08d}",
-                           progress=False)
+        results = evaluate(self.engine.module, config=self.cfg,
+                           out_dir=self.run_dir / "eval" / f"step_{self.step:08d}", progress=False)
         if self.rank == 0:
             log_eval(self.metrics.writer, self.step, results)
             self.metrics.print(f"eval metrics step {self.step}: " + "  ".join(
@@ -597,7 +953,11 @@ class MultitaskTrainer:
         rank_state = {"pipeline": self.pipeline.state_dict(), "rng": rng_state(),
                       "balancer": self.balancer.state_dict(),
                       "surgery": self.surgery.state_dict() if self.surgery is not None else None,
-                      "extra": {"consecutive_nonfinite": self.consecutive_nonfinite}}
+                      "extra": {"consecutive_nonfinite": self.consecutive_nonfinite,
+                                # this rank's inner-optimizer state (meta.inner_optimizer=adam)
+                                "meta": self.meta.state_dict() if self.meta is not None else None,
+                                # rank-independent: an elastic resume (new streams) keeps the rates
+                                "mixture": self.mixture_state()}}
         files = {"megamt_config.yaml": self.cfg.to_yaml(), "ds_config.json": json_text(self.ds_config),
                  "derived.json": json_text(self.derived())}
         path = self.checkpoints.save(self.engine, self.step, rank_state, files)
@@ -605,32 +965,59 @@ class MultitaskTrainer:
             self.metrics.print(f"checkpoint: {path}")
         return path
 
+    def mixture_state(self) -> dict | None:
+        """The dynamic mixture's state (None without one)."""
+        if not hasattr(getattr(self.pipeline, "mixture", None), "state_dict"):
+            return None
+        # from the pipeline's state (the prefetch snapshot), not the live mixture the build thread advances
+        return (self.pipeline.state_dict() or {}).get("mixture") or None
+
     def maybe_resume(self) -> None:
-        tag = self.checkpoints.latest_tag()
-        if tag is None:
+        """Resume from the run directory's checkpoint (``latest``, or the newest complete
+        ``step_N`` when ``latest`` is missing: a run never silently restarts over complete
+        checkpoints), unless ``--no-resume``. Rank 0 decides, every rank follows. Then the data
+        streams start reading their first windows in the background."""
+        point = self.checkpoints.resume_point()
+        if point is None:
             if self.resume is True:
                 raise FileNotFoundError(f"--resume: no complete checkpoint under {self.checkpoints.dir} "
-                                        f"(no `latest` file pointing to an existing folder)")
-            return
-        if self.resume is False:
+                                        f"(no `latest` file pointing to an existing folder, no complete step_N)")
+        elif self.resume is False:
             if self.rank == 0:
-                print(f"WARNING {self.checkpoints.dir} has checkpoint {tag}; starting fresh (--no-resume); "
-                      f"new checkpoints replace it")
-            return
-        state = self.checkpoints.load(self.engine, tag, elastic=self.tcfg.elastic_resume)
-        self.step = int(state["step"])
-        if state.get("elastic_from"):
-            self.resume_elastic(tag, int(state["elastic_from"]))
+                print(f"WARNING {self.checkpoints.dir} has checkpoint {point[0]}; starting fresh (--no-resume): new "
+                      f"checkpoints replace it, and train_log.jsonl / TensorBoard start over at step 0 (the old "
+                      f"log lines move to train_log.discarded.jsonl)", flush=True)
         else:
-            self.pipeline.load_state_dict(state["pipeline"])
-            set_rng_state(state["rng"])
-        if state.get("balancer") is not None:
-            self.balancer.load_state_dict(state["balancer"])
-        if self.surgery is not None and state.get("surgery") is not None:
-            self.surgery.load_state_dict(state["surgery"])
-        self.consecutive_nonfinite = int((state.get("extra") or {}).get("consecutive_nonfinite", 0))
-        if self.rank == 0:
-            print(f"resumed from {self.checkpoints.dir / tag} at step {self.step}", flush=True)
+            tag, note = point
+            if note and self.rank == 0:
+                print(note, flush=True)
+            state = self.checkpoints.load(self.engine, tag, elastic=self.tcfg.elastic_resume)
+            self.step = int(state["step"])
+            if state.get("elastic_from"):
+                self.resume_elastic(tag, int(state["elastic_from"]))
+                mixture = (state.get("extra") or {}).get("mixture")
+                if mixture and hasattr(getattr(self.pipeline, "mixture", None), "load_state_dict"):
+                    self.pipeline.mixture.load_state_dict(mixture)
+            else:
+                self.pipeline.load_state_dict(state["pipeline"])
+                set_rng_state(state["rng"])
+            if state.get("balancer") is not None:
+                self.balancer.load_state_dict(state["balancer"])
+            if self.surgery is not None and state.get("surgery") is not None:
+                self.surgery.load_state_dict(state["surgery"])
+            self.consecutive_nonfinite = int((state.get("extra") or {}).get("consecutive_nonfinite", 0))
+            meta_state = (state.get("extra") or {}).get("meta")
+            if self.meta is not None and meta_state is not None:
+                if state.get("elastic_from"):
+                    if self.rank == 0:
+                        print("WARNING elastic resume: the inner optimizer's state of meta-learning is per-rank "
+                              "(partitions); it restarts from zero", flush=True)
+                else:
+                    self.meta.load_state_dict(meta_state)
+            if self.rank == 0:
+                print(f"resumed from {self.checkpoints.dir / tag} at step {self.step}", flush=True)
+        if hasattr(self.pipeline, "start_prefetch"):
+            self.pipeline.start_prefetch()
 
     def resume_elastic(self, tag: str, old_world: int) -> None:
         """After loading a checkpoint of ``old_world`` ranks into this world: new data streams
@@ -640,6 +1027,7 @@ class MultitaskTrainer:
         if self._own_pipeline:
             cfg = copy.deepcopy(self.cfg)
             cfg.data.seed = seed
+            self.pipeline.close()
             self.pipeline = self.build_pipeline(cfg)
         torch.manual_seed(self.tcfg.seed + 1000003 * self.step + self.rank)
         random.seed(self.tcfg.seed + self.step + self.rank)

@@ -12,7 +12,29 @@
 4. End-to-end: ``TrainPipeline.next_batch`` (shard reading + decoding + mixture + packing)
    from a cold start for as many batches as one pass over the data's tokens.
 
+``--mode seq2seq`` (encoder-decoders): the same examples as prompt + EOS (encoder) and target
++ EOS (decoder), packed by ``Seq2SeqPacker`` into aligned encoder / decoder rows (default
+512 / 128, ``--seq2seq-lens``): packing efficiency of *each side*, beside pad-to-longest
+batching of both sides (what ``DataCollatorForSeq2Seq`` does), and the packer's throughput.
+
 Prints a human summary, then one JSON line last.
+
+Two more modes, each on its own (they build a small task of their own under ``--out``):
+
+    python tools/bench_data.py --read-sim 8,64,512
+    python tools/bench_data.py --slow-reader [--read-mbps 4] [--step-s 0.1] [--steps 150] [--startup-s 2]
+
+``--read-sim``: bytes read per rank from a task of 3 shards (DialogSum train), simulated
+ranks of worlds of 8, 64 and 512 in this process: each sampled rank takes one epoch of its
+own examples from a training ``TaskStream`` (``data.shuffle_buffer`` 1000) while an
+instrumented ``open`` in ``megamt.data.shards`` counts every byte read. The counter wraps
+the module's ``open``, which every megamt version reads shards with, so the same script run
+with ``PYTHONPATH=<an older checkout>`` measures the old code (the "before" numbers).
+
+``--slow-reader``: a step loop (``TrainPipeline.next_batch`` then ``--step-s`` of simulated
+device compute, a sleep that releases the GIL as a GPU step does) over two tasks whose
+shard reads are throttled to ``--read-mbps``; with and without ``data.prefetch_windows``
+side by side: how often and how long the loop waited on a shuffle-window fill.
 """
 
 from __future__ import annotations
@@ -37,6 +59,210 @@ def packed_rows(packer, items):
     while len(packer):
         yield packer.pop_row()
 
+class CountingOpen:
+    """The instrumented reader: ``open`` for megamt.data.shards that counts bytes read per
+    file suffix and can throttle reads to ``mbps`` MB/s (a sleep, as a slow file system)."""
+
+    def __init__(self, mbps: float = 0.0):
+        import threading
+
+        self.bytes: dict[str, int] = {}
+        self.mbps = mbps
+        self.lock = threading.Lock()
+
+    def __call__(self, path, mode="r", *a, **kw):
+        f = open(path, mode, *a, **kw)
+        suffix = "".join(Path(path).suffixes[-2:]) if str(path).endswith(".idx.npy") else Path(path).suffix
+        raw_read = f.read
+
+        def read(n=-1):
+            data = raw_read(n)
+            with self.lock:
+                self.bytes[suffix] = self.bytes.get(suffix, 0) + len(data)
+            if self.mbps:
+                time.sleep(len(data) / (self.mbps * 1e6))
+            return data
+
+        f.read = read
+        return f
+
+
+def dialogsum_task(data: Path, out: Path, shard_examples: int, tasks=("dialogsum",), cap=None):
+    """A config of DialogSum (and SST-2) train shards with a tokenizer built from them
+    (``cap``: at most that many examples per task, in shards of a third of it)."""
+    from megamt.config import config_from_dict
+    from megamt.data.formats import read_examples
+    from megamt.data.shards import build_shards, load_manifest
+    from megamt.data.synthetic import build_tokenizer
+
+    spec = {"dialogsum": {"task_type": "summarization", "fields": {"document": "dialogue"},
+                          "inputs": {"train": {"path": str(data / "dialogsum/dialogsum.train.jsonl")}}},
+            "sst2": {"task_type": "classification", "fields": {"text": "sentence"},
+                     "verbalizers": {"0": "negative", "1": "positive"},
+                     "inputs": {"train": {"path": str(data / "sst2/train.tsv")}}}}
+    if cap:
+        for t in spec.values():
+            t["inputs"]["train"]["max_examples"] = cap
+        shard_examples = -(-cap // 3)
+    raw = {"tasks": {t: spec[t] for t in tasks}, "model": {"from_config": {"model_type": "llama"}},
+           "data": {"shards_dir": str(out / "shards"), "tokenizer": str(out / "tokenizer"), "seq_len": 512,
+                    "shard_max_examples": shard_examples}, "train": {"micro_batch_size": 8}}
+    cfg = config_from_dict(raw)
+    if not (out / "shards" / "manifest.json").is_file():
+        texts = [str(v) for name, tc in cfg.tasks.items() for ex in read_examples(name, tc, "train")
+                 for v in ex.fields.values() if isinstance(v, str)]
+        build_tokenizer(texts, out / "tokenizer", vocab_size=8000)
+        build_shards(cfg, progress=False, log=None)
+    return cfg, load_manifest(out / "shards")
+
+
+def read_simulation(args) -> dict:
+    """Bytes read per simulated rank (see the module docstring, ``--read-sim``)."""
+    import subprocess
+
+    import megamt
+    import megamt.data.shards as shards_mod
+    from megamt.data.shards import split_shards
+    from megamt.data.streams import TaskStream
+
+    cfg, manifest = dialogsum_task(Path(args.data), Path(args.out) / "read_sim", 1700, cap=args.max_per_task)
+    shards = split_shards(manifest, cfg.data.shards_dir, "dialogsum", "train")
+    task_bytes = sum(p.stat().st_size for p, _ in shards)
+    src = Path(megamt.__file__).resolve().parents[1]
+    rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "megamt"], capture_output=True,
+                           text=True).stdout.strip()
+    out = {"megamt": str(src), "rev": rev + ("+changes" if dirty else ""), "task": "dialogsum/train",
+           "shards": len(shards), "examples": sum(n for _, n in shards), "task_bytes": task_bytes, "worlds": {}}
+    for W in [int(w) for w in args.read_sim.split(",")]:
+        rows = []
+        for r in sorted({0, W // 3, W // 2, W - 1}):
+            counter = CountingOpen()
+            shards_mod.open = counter
+            try:
+                t0 = time.perf_counter()
+                s = TaskStream(shards, r, W, infinite=True, seed=0, name="dialogsum", window=1000,
+                               fields=("prompt_ids", "target_ids"))
+                for _ in range(s.num_examples):
+                    next(s)
+                dt = time.perf_counter() - t0
+            finally:
+                del shards_mod.open
+            rows.append({"rank": r, "examples": s.num_examples, "bytes": sum(counter.bytes.values()),
+                         "index_bytes": counter.bytes.get(".idx.npy", 0), "seconds": round(dt, 4)})
+        mx = max(x["bytes"] for x in rows)
+        out["worlds"][str(W)] = {"ranks": rows, "max_bytes_per_rank": mx,
+                                 "max_fraction_of_task": round(mx / task_bytes, 5),
+                                 "ideal_fraction": round(1 / W, 5)}
+        print(f"world {W:4d}: max {mx / 1e6:8.3f} MB per rank = {mx / task_bytes:.4f} of the task "
+              f"(1/W = {1 / W:.4f}); ranks {[x['rank'] for x in rows]}, examples {[x['examples'] for x in rows]}")
+    print(f"megamt at {out['megamt']} ({out['rev']}); task {task_bytes / 1e6:.1f} MB in {len(shards)} shards")
+    return out
+
+
+def slow_reader_bench(args) -> dict:
+    """The step loop against a throttled reader, with and without background window reads."""
+    import megamt.data.shards as shards_mod
+    from megamt.data.pipeline import TrainPipeline
+
+    cfg, manifest = dialogsum_task(Path(args.data), Path(args.out) / "slow_reader", 2000,
+                                   tasks=("dialogsum", "sst2"), cap=args.max_per_task)
+    out = {"read_mbps": args.read_mbps, "step_s": args.step_s, "steps": args.steps, "startup_s": args.startup_s,
+           "shuffle_buffer": cfg.data.shuffle_buffer, "rows_per_batch": cfg.train.micro_batch_size,
+           "seq_len": cfg.data.seq_len, "runs": {}}
+    for prefetch in (False, True):
+        cfg.data.prefetch_windows = prefetch
+        shards_mod.open = CountingOpen(args.read_mbps)
+        try:
+            pipe = TrainPipeline(cfg, 0, 1, log=None)
+            pipe.start_prefetch()
+            time.sleep(args.startup_s)  # the trainer's start-up after building the pipeline (engine, resume)
+            batch_s, waits_after_first = [], 0
+            t_all = time.perf_counter()
+            for step in range(args.steps):
+                before = pipe.window_stats()["fill_waits"]
+                t0 = time.perf_counter()
+                pipe.next_batch()
+                batch_s.append(time.perf_counter() - t0)
+                if step > 0:
+                    waits_after_first += pipe.window_stats()["fill_waits"] - before
+                time.sleep(args.step_s)  # the device's share of the step (releases the GIL, as a GPU step does)
+            wall = time.perf_counter() - t_all
+            st = pipe.window_stats()
+            pipe.close()
+        finally:
+            del shards_mod.open
+        run = {"wall_s": round(wall, 2), "windows": st["fills"], "window_waits": st["fill_waits"],
+               "window_waits_after_step_1": waits_after_first, "window_wait_s": round(st["fill_wait_s"], 3),
+               "first_batch_s": round(batch_s[0], 3), "max_batch_s_after_step_1": round(max(batch_s[1:]), 4),
+               "mean_batch_s_after_step_1": round(sum(batch_s[1:]) / len(batch_s[1:]), 4),
+               "overhead_vs_compute": round(wall / (args.steps * args.step_s) - 1, 4) if args.step_s else None}
+        out["runs"]["prefetch" if prefetch else "inline"] = run
+        print(f"{'prefetch' if prefetch else 'inline  '}: {run['windows']} windows, the loop waited on "
+              f"{run['window_waits']} ({run['window_waits_after_step_1']} after step 1), {run['window_wait_s']:.2f} s; "
+              f"max next_batch after step 1 {run['max_batch_s_after_step_1'] * 1e3:.1f} ms; wall {run['wall_s']} s "
+              f"for {args.steps} x {args.step_s} s of compute")
+    return out
+
+
+def seq2seq_packing(order: list, manifest: dict, args, reused: bool, t_tok: float, t_build) -> int:
+    """``--mode seq2seq``: both sides' packing efficiency (see the module docstring)."""
+    from megamt.data.packing import Seq2SeqPacker, collate_seq2seq_rows
+
+    items = order
+    enc = np.array([len(it.tokens) for it in items])
+    dec = np.array([len(it.dec) for it in items])
+    B = args.batch
+    results = {"mode": "seq2seq", "machine": "2-core CPU, 24 GiB (one core pinned, torch threads=1)",
+               "examples": len(items), "encoder_tokens": int(enc.sum()), "decoder_tokens": int(dec.sum()),
+               "encoder_mean_len": round(float(enc.mean()), 1), "decoder_mean_len": round(float(dec.mean()), 1),
+               "encoder_p99_len": int(np.percentile(enc, 99)), "decoder_p99_len": int(np.percentile(dec, 99)),
+               "tokenizer_vocab": manifest["tokenizer"]["vocab_size"], "tokenizer_s": None if reused else round(t_tok, 2),
+               "build_shards_s": t_build and round(t_build, 2), "lens": {}}
+    for pair in args.seq2seq_lens.split(","):
+        L, Ld = (int(x) for x in pair.split("/"))
+        packer = Seq2SeqPacker(L, Ld, args.buffer, "truncate")
+        rows, n_rows, nonpad_enc, nonpad_dec = [], 0, 0, 0
+        t0 = time.perf_counter()
+        for row in packed_rows(packer, items):
+            rows.append(row)
+            if len(rows) == B:
+                b = collate_seq2seq_rows(rows, L, Ld, 0)
+                nonpad_enc += int((b["segment_ids"] >= 0).sum())
+                nonpad_dec += int((b["decoder_segment_ids"] >= 0).sum())
+                n_rows += B
+                rows = []
+        dt = time.perf_counter() - t0
+        if rows:
+            b = collate_seq2seq_rows(rows, L, Ld, 0)
+            nonpad_enc += int((b["segment_ids"] >= 0).sum())
+            nonpad_dec += int((b["decoder_segment_ids"] >= 0).sum())
+            n_rows += len(rows)
+        ce, cd = np.minimum(enc, L), np.minimum(dec, Ld)
+        padded = {}
+        for bs in (B, 32):  # pad-to-longest on each side, B examples per batch, same order
+            te = sum(int(ce[i:i + bs].max()) * len(ce[i:i + bs]) for i in range(0, len(ce), bs))
+            td = sum(int(cd[i:i + bs].max()) * len(cd[i:i + bs]) for i in range(0, len(cd), bs))
+            padded[f"pad_to_longest_b{bs}"] = {"encoder": round(ce.sum() / te, 4), "decoder": round(cd.sum() / td, 4)}
+        results["lens"][pair] = {
+            "encoder_efficiency": round(nonpad_enc / (n_rows * L), 4),
+            "decoder_efficiency": round(nonpad_dec / (n_rows * Ld), 4), "rows": n_rows,
+            "pack_tokens_per_s": round((nonpad_enc + nonpad_dec) / dt),
+            "truncated": int(packer.stats["truncated"]), "truncated_target": int(packer.stats["truncated_target"]),
+            **padded}
+    for pair, r in results["lens"].items():
+        pl = r[f"pad_to_longest_b{B}"]
+        print(f"seq2seq {pair}: packing efficiency encoder {r['encoder_efficiency']:.4f} decoder "
+              f"{r['decoder_efficiency']:.4f} (pad-to-longest b{B}: {pl['encoder']:.4f} / {pl['decoder']:.4f}), "
+              f"packer {r['pack_tokens_per_s'] / 1e3:.0f}k tok/s, truncated {r['truncated']} prompts / "
+              f"{r['truncated_target']} targets")
+    print(f"{results['examples']} examples, encoder mean {results['encoder_mean_len']} (p99 "
+          f"{results['encoder_p99_len']}), decoder mean {results['decoder_mean_len']} (p99 {results['decoder_p99_len']})")
+    print(json.dumps(results))
+    return 0
+
+
 def main(argv=None) -> int:
     repo = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,7 +273,23 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="rows per packed batch / examples per padded batch")
     ap.add_argument("--buffer", type=int, default=64, help="data.pack_buffer")
     ap.add_argument("--reuse", action="store_true", help="reuse tokenizer and shards already in --out")
+    ap.add_argument("--read-sim", metavar="WORLDS", help="only: bytes read per simulated rank, e.g. 8,64,512")
+    ap.add_argument("--slow-reader", action="store_true", help="only: the step loop against a throttled reader")
+    ap.add_argument("--read-mbps", type=float, default=4.0, help="--slow-reader: shard read rate (MB/s)")
+    ap.add_argument("--step-s", type=float, default=0.1, help="--slow-reader: simulated compute per step (s)")
+    ap.add_argument("--steps", type=int, default=150, help="--slow-reader: steps per run")
+    ap.add_argument("--startup-s", type=float, default=2.0, help="--slow-reader: time between building the "
+                    "pipeline and the first step (the trainer's engine set-up)")
+
+    ap.add_argument("--mode", choices=["causal", "seq2seq"], default="causal",
+                    help="causal: one sequence per example; seq2seq: encoder and decoder rows")
+    ap.add_argument("--seq2seq-lens", default="512/128,1024/256",
+                    help="seq2seq mode: encoder/decoder row lengths to measure")
     args = ap.parse_args(argv)
+    if args.read_sim or args.slow_reader:
+        result = read_simulation(args) if args.read_sim else slow_reader_bench(args)
+        print(json.dumps(result))
+        return 0
 
     try:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -58,7 +300,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from megamt.config import config_from_dict
     from megamt.data.formats import read_examples
-    from megamt.data.packing import Packer, causal_item, collate_rows
+    from megamt.data.packing import Packer, causal_item, collate_rows, seq2seq_item
     from megamt.data.pipeline import TrainPipeline
     from megamt.data.shards import build_shards, read_shard, split_shards
     from megamt.data.synthetic import build_tokenizer
@@ -108,13 +350,17 @@ def main(argv=None) -> int:
     # pre-tokenized examples in a seeded, size-proportional mixture order
     per_task = []
     t0 = time.perf_counter()
+    eos = int(manifest["tokenizer"]["eos_id"])
+    make = (lambda s, t: seq2seq_item(s, t, eos)) if args.mode == "seq2seq" else causal_item
     for tid, name in enumerate(cfg.tasks):
-        items = [causal_item(s, tid) for p, n in split_shards(manifest, out / "shards", name, "train")
+        items = [make(s, tid) for p, n in split_shards(manifest, out / "shards", name, "train")
                  for s in read_shard(p, n)]
         per_task.append(items)
     t_read = time.perf_counter() - t0
     order = [it for items in per_task for it in items]
     random.Random(0).shuffle(order)
+    if args.mode == "seq2seq":
+        return seq2seq_packing(order, manifest, args, reused, t_tok, t_build)
     n_tokens = sum(len(it) for it in order)
     lengths = np.array([len(it) for it in order])
 

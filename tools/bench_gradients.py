@@ -15,6 +15,13 @@ vs the measured device-to-device copy bandwidth, T up to 16, 1e8 to 1e9 elements
 ``--cpu-bandwidth``: the same measurement for the torch path on this CPU (1e7 and 3e7
 elements, at 1 thread and at all cores), each case also checked against float64.
 
+``--sketch``: monitoring-only steps with ``gradients.monitor_sketch_dim = k`` (one process):
+the CountSketch estimate of the T x T Gram matrix against the exact one on synthetic task
+gradients of very different norms (n elements, fp32), over several hashes: error of every
+entry relative to its tasks' norms (and in units of its standard-deviation bound
+sqrt((G_ii G_jj + G_ij^2) / k)), cosine error, time per task, and the memory held between
+backwards (exact: the ``[T, n]`` fp32 buffer; sketch: ``T x k`` float64) and per chunk.
+
 ``--repnorm``: GradNorm's per-task norms at the shared representation
 (``megamt.gradients.representation``) on plain mixed steps: forward + backward of one packed
 micro-batch of the same tiny Llama (one process, one thread) with the collector on vs off,
@@ -60,6 +67,9 @@ def _worker(args) -> None:
     from megamt.trainer import release_cpu_shm_at_exit
 
     release_cpu_shm_at_exit(rank)
+    from megamt import comm
+
+    comm.leave_at_exit()  # gloo threads alive at exit abort a finished rank
     torch.manual_seed(0)
 
     def engine_for(gas, rows):
@@ -191,7 +201,7 @@ def bandwidth_bench(device: str, sizes: list[int], copy_elems: int, tasks=(2, 4,
     read_bw = a.numel() * 4 / timed(lambda: a.sum())
     del a, b
     out = {"device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} thread(s)",
-           "copy_GBps": round(bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1), "cases": []}
+           "copy_GBps": float(f"{bw / 1e9:.3g}"), "read_GBps": float(f"{read_bw / 1e9:.3g}"), "cases": []}
     free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
     variants = [("gram", "triton"), ("gram", "torch"), ("combine", "triton"), ("combine", "torch")]
     if not cuda:
@@ -247,6 +257,51 @@ def _available_ram() -> int:
 # --------------------------------------------------------------------------- representation norms
 
 
+def sketch_bench(sizes: list[int], tasks: int = 8, dims=(64, 256, 1024), hashes: int = 5) -> dict:
+    """CountSketch Gram (monitoring) vs the exact Gram on synthetic gradients; see the docstring."""
+    import torch
+
+    from megamt.gradients import surgery as S
+    from megamt.gradients.methods import cosine_matrix
+    from megamt.kernels.task_gram import task_gram
+
+    out = {"T": tasks, "hashes": hashes, "cases": []}
+    for n in sizes:
+        gen = torch.Generator().manual_seed(n)
+        base = torch.randn(tasks, n, generator=gen)
+        grads = base.clone()
+        for t in range(1, tasks):  # correlated with task 0 (some conflicting), norms over 4 decades
+            grads[t] = (0.6 * (-1) ** t * base[0] + base[t]) * 10.0 ** (-4 * t / (tasks - 1))
+        t0 = time.perf_counter()
+        G = task_gram(grads, backend="torch").double()
+        exact_s = time.perf_counter() - t0
+        cos = cosine_matrix(G)
+        norms = G.diagonal().sqrt()
+        for k in dims:
+            rel, sig, cos_err, secs = [], [], [], []
+            for h in range(hashes):
+                t0 = time.perf_counter()
+                sk = torch.stack([S.countsketch([g], k, seed=h) for g in grads])
+                secs.append((time.perf_counter() - t0) / tasks)
+                Gh = sk @ sk.T
+                err = (Gh - G).abs()
+                rel.append(float((err / torch.outer(norms, norms)).max()))
+                sig.append(float((err / ((torch.outer(norms, norms) ** 2 + G**2) / k).sqrt()).max()))
+                cos_err.append(float((cosine_matrix(Gh) - cos).abs().max()))
+            case = dict(n=n, k=k, max_err_rel_to_norms=max(rel), mean_err_rel_to_norms=statistics.fmean(rel),
+                        bound_sqrt_2_over_k=(2 / k) ** 0.5, max_err_in_sigmas=max(sig), max_cosine_err=max(cos_err),
+                        sketch_s_per_task=min(secs), exact_gram_s=exact_s,
+                        exact_buffer_MiB=tasks * n * 4 / 2**20, sketch_held_KiB=tasks * k * 8 / 2**10,
+                        sketch_chunk_temporaries_MiB=min(n, S.SKETCH_CHUNK) * (4 + 4 + 8) / 2**20)
+            out["cases"].append(case)
+            print(f"n={n:.0e} k={k:5d}: max |G_hat - G| / (|g_i||g_j|) = {case['max_err_rel_to_norms']:.3f} "
+                  f"(sqrt(2/k) = {case['bound_sqrt_2_over_k']:.3f}, {case['max_err_in_sigmas']:.1f} sigma max), "
+                  f"cosine error {case['max_cosine_err']:.3f}; {case['sketch_s_per_task'] * 1e3:.0f} ms/task; "
+                  f"held {case['sketch_held_KiB']:.0f} KiB vs exact buffer {case['exact_buffer_MiB']:.0f} MiB",
+                  flush=True)
+    return out
+
+
 def repnorm_bench(reps: int, rows: int = 4, seq: int = 512, tasks: int = 6) -> dict:
     import torch
 
@@ -270,7 +325,11 @@ def repnorm_bench(reps: int, rows: int = 4, seq: int = 512, tasks: int = 6) -> d
     task_ids = (torch.arange(rows * seq).view(rows, seq) // 64).remainder(tasks)
     labels = ids.roll(-1, 1)
     labels[pos == 63] = -100
-    batch = {"input_ids": ids, "position_ids": pos, "task_ids": task_ids, "labels": labels}
+    from megamt.attention import cu_seqlens_from_segment_ids
+
+    cu, max_len = cu_seqlens_from_segment_ids(torch.arange(rows * seq).view(rows, seq) // 64)
+    batch = {"input_ids": ids, "position_ids": pos, "task_ids": task_ids, "labels": labels,
+             "cu_seqlens": cu, "max_seqlen": max_len}
 
     def step(on: bool) -> float:
         collector.enabled = on
@@ -309,6 +368,8 @@ def main():
     ap.add_argument("--gpu-max-elems", type=float, default=1e9)
     ap.add_argument("--repnorm", action="store_true", help="only the representation-norm overhead (one process)")
     ap.add_argument("--repnorm-reps", type=int, default=15)
+    ap.add_argument("--sketch", action="store_true", help="only the monitoring sketch's error and memory (one process)")
+    ap.add_argument("--sketch-n", type=float, nargs="+", default=[1e6, 1e7])
     ap.add_argument("--cpu-bandwidth", action="store_true",
                     help="only the torch Gram/combine path against this CPU's copy bandwidth, at 1 and all threads")
     args = ap.parse_args()
@@ -318,6 +379,10 @@ def main():
     report = {"machine": os.environ.get("BENCH_MACHINE", "2-core CPU, 24 GiB"), "omp_num_threads_per_rank": 1}
     if args.repnorm:
         report["repnorm"] = repnorm_bench(args.repnorm_reps)
+        print(json.dumps(report))
+        return
+    if args.sketch:
+        report["sketch"] = sketch_bench([int(n) for n in args.sketch_n])
         print(json.dumps(report))
         return
     if args.cpu_bandwidth:

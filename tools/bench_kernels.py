@@ -21,6 +21,11 @@ count as extra for both variants alike. Without /proc (non-Linux) it falls back 
 ``resource.getrusage(...).ru_maxrss`` minus the RSS before (a lower bound of the extra
 when imports peaked higher).
 
+``--memory-bf16``: peak extra memory of the hinted path (the trainer's) in bf16 on the CPU
+against the floor of what it must hold (see ``memory_bf16_section``). ``--precision``: its
+fp16/bf16 gradient errors against float64 at the trainer's hint magnitudes, hinted vs exact
+recompute.
+
 GPU section (only with CUDA; bf16, H=4096, V=128256, N in 4096..32768): time and peak
 memory (torch.cuda.max_memory_allocated above the inputs) of the reference, the fused
 Triton path and the same with ``grad_scale_hint`` and
@@ -67,7 +72,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _cpu_child(variant: str, n: int, h: int, v: int, t: int, threads: int, chunk_tokens: int | None,
-               ignore_frac: float) -> dict:
+               ignore_frac: float, dtype: str = "fp32") -> dict:
     """One measurement in this (fresh) process: peak extra RSS and fwd+bwd time."""
     import resource
 
@@ -78,8 +83,9 @@ def _cpu_child(variant: str, n: int, h: int, v: int, t: int, threads: int, chunk
     from megamt.kernels import fused_linear_task_cross_entropy, reference_linear_task_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) * h**-0.5).requires_grad_()
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    hidden = torch.randn(n, h, generator=gen).to(dt).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(dt).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=gen)
     labels[torch.rand(n, generator=gen) < ignore_frac] = -100  # prompt tokens carry no loss
     task_ids = torch.randint(0, t, (n,), generator=gen)
@@ -111,7 +117,7 @@ def _cpu_child(variant: str, n: int, h: int, v: int, t: int, threads: int, chunk
     start, cpu_start = time.perf_counter(), time.process_time()
     loss = step()
     second, second_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return dict(variant=variant, peak_extra_bytes=peak - rss_before, seconds=min(first, second),
+    return dict(variant=variant, dtype=dtype, peak_extra_bytes=peak - rss_before, seconds=min(first, second),
                 first_seconds=first, cpu_seconds=min(first_cpu, second_cpu), loss_total=float(loss.sum()),
                 backward_paths=dict(flce.backward_path_counts))
 
@@ -162,6 +168,69 @@ def cpu_section(args) -> dict:
           f"{out['hinted_time_ratio']:.2f} wall, {out['hinted_cpu_time_ratio']:.2f} CPU, memory "
           f"{out['hinted_memory_ratio']:.3f}", flush=True)
     return out
+
+
+def memory_bf16_section(args) -> dict:
+    """Peak extra memory of the hinted path (the trainer's) in bf16, on the CPU.
+
+    The floor is what the hinted path must hold at once: in the forward the kept fp32
+    gradients (``[V, H]`` + ``[N, H]``) and one token block (``[nt, V]`` bf16 logits + the
+    torch path's fp32 working copy), in the backward the kept fp32 gradients and the bf16
+    gradients returned from them (``[V, H]`` + ``[N, H]``). Anything above it is temporaries.
+
+    The child runs with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then maps every allocation of
+    128 KiB or more on its own and unmaps it on free (by default the threshold grows to 32 MiB
+    and freed chunks below it stay in the heap), so the peak RSS follows the peak of live
+    tensors as a GPU caching allocator's ``max_memory_allocated`` would.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               MALLOC_MMAP_THRESHOLD_="131072")
+    n, h, v, t = args.n, args.h, args.v, args.t
+    nt = min(args.chunk_tokens or 2048, n)
+    cmd = [sys.executable, __file__, "--child", "fused_hinted", "--dtype", "bf16", "--n", str(n), "--h", str(h),
+           "--v", str(v), "--t", str(t), "--threads", str(args.threads), "--ignore-frac", "0",
+           "--chunk-tokens", str(nt)]
+    runs = []
+    for _ in range(args.rounds):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench child fused_hinted (bf16) failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    mib = 2**20
+    forward_floor = 4 * v * h + 4 * n * h + (2 + 4) * nt * v
+    backward_floor = (4 + 2) * v * h + (4 + 2) * n * h
+    floor = max(forward_floor, backward_floor)
+    peak = min(r["peak_extra_bytes"] for r in runs)
+    out = dict(shape=dict(N=n, H=h, V=v, T=t, dtype="bf16", chunk_tokens=nt), threads=args.threads,
+               peak_extra_MiB=[r["peak_extra_bytes"] / mib for r in runs], floor_MiB=floor / mib,
+               fp32_VH_MiB=4 * v * h / mib, peak_over_floor_MiB=(peak - floor) / mib,
+               seconds=min(r["seconds"] for r in runs), backward_paths=runs[0]["backward_paths"])
+    print(f"CPU bf16 hinted N={n} H={h} V={v} chunk_tokens={nt}: peak extra "
+          f"{', '.join(f'{x:.0f}' for x in out['peak_extra_MiB'])} MiB; floor {out['floor_MiB']:.0f} MiB "
+          f"(one fp32 [V, H] = {out['fp32_VH_MiB']:.0f} MiB); above the floor "
+          f"{out['peak_over_floor_MiB']:.0f} MiB", flush=True)
+    return out
+
+
+def precision_section(args) -> dict:
+    """Gradient error against float64 at the trainer's hint magnitudes (w_t / N_t ~ 1e-5, loss
+    scale x world x accumulation in g), hinted path vs exact recompute, fp16 and bf16, torch
+    backend on the CPU. The measuring code is the unit tests' (tests/unit/kernel_ce_cases.py)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "unit"))
+    from kernel_ce_cases import make_case, realistic_hint_errors
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        case = make_case(args.n, args.h, args.v, 3, dtype=dtype, ignore_frac=0.3, seed=5)
+        errs = realistic_hint_errors(case, "torch", chunk_tokens=args.chunk_tokens)
+        for path in ("hinted", "recompute"):
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), path=path, grad_hidden_rel_err=errs[path][0],
+                             grad_weight_rel_err=errs[path][1]))
+            print("  " + json.dumps(rows[-1]), flush=True)
+    return dict(shape=dict(N=args.n, H=args.h, V=args.v, T=3, ignored_fraction=0.3), rows=rows)
 
 
 def gpu_section(args) -> dict:
@@ -253,11 +322,24 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="N=2048, H=256, V=8000, one round")
     p.add_argument("--gpu-tokens", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--memory-bf16", action="store_true",
+                   help="only the peak memory of the hinted path in bf16 on the CPU (chunk_tokens default 2048)")
+    p.add_argument("--precision", action="store_true",
+                   help="only the fp16/bf16 gradient errors of the hinted path vs float64 (CPU, torch backend)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(_cpu_child(args.child, args.n, args.h, args.v, args.t, args.threads, args.chunk_tokens,
-                                    args.ignore_frac)))
+                                    args.ignore_frac, args.dtype)))
+        return
+    if args.precision:
+        print(json.dumps({"bench": "fused_linear_task_cross_entropy", "precision": precision_section(args)}))
+        return
+    if args.memory_bf16:
+        if args.quick:
+            args.n, args.h, args.v, args.rounds = 2048, 256, 8000, 1
+        print(json.dumps({"bench": "fused_linear_task_cross_entropy", "memory_bf16": memory_bf16_section(args)}))
         return
     if args.quick:
         args.n, args.h, args.v, args.rounds = 2048, 256, 8000, 1

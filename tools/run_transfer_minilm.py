@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     exp = write_specs(out, data, args.steps_per_task, args.max_examples, args.launcher, args.seq_len,
                       args.micro_batch, args.lr)
-    from megamt.eval.transfer import main as transfer_main
+    from megamt.experiments.transfer import main as transfer_main
 
     rc = transfer_main(["transfer", str(exp)] + (["--dry-run"] if args.dry_run else []))
     if rc == 0 and not args.dry_run:

@@ -21,6 +21,9 @@ REASONS = (
     "answer_mismatch",      # QA answer text not found at its answer_start in the context
     "bad_columns",          # CoNLL line with the wrong number of columns
     "bad_tag",              # CoNLL tag that is not O / B-X / I-X
+    "missing_column",       # a CoNLL tag column (inputs.*.tag_column) the file does not have
+    "too_few_choices",      # a multiple-choice example with fewer than 2 choices (or an empty one)
+    "label_out_of_range",   # a multiple-choice label that names no choice
     "empty_input",          # a file (or split) without any example
     "overlong",             # longer than data.seq_len with data.overlong=reject
     "truncated",            # longer than data.seq_len, truncated (counted, not dropped)

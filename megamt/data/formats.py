@@ -1,14 +1,18 @@
 """Readers: the formats users have → canonical :class:`Example` records.
 
-Formats: TSV/CSV with a header row (GLUE style; quoting off unless ``quoting: true``),
+Formats: TSV/CSV with a header row, or headerless with the columns named in the input
+(``columns: [label, title, description]``, as AG News, Yelp and DBpedia ship); CSV quoting
+on by default for ``.csv`` and off for ``.tsv`` (GLUE's text holds bare quotes; the input's
+``quoting:`` overrides), a UTF-8 byte-order mark dropped, CRLF line ends accepted;
 JSONL (strict JSON per line; a Python dict literal per line is accepted too, as in
 DialogSum's train file, parsed with ``ast.literal_eval``, never ``eval``), SQuAD v1.1
 JSON, CoNLL column files (token first, tag last; IOB1 and IOB2 accepted, normalised to
 IOB2), and Hugging Face ``datasets`` (a ``save_to_disk`` folder, or local files through
 ``load_dataset``).
 
-Source field names are mapped in the task config (``fields: {text: sentence}``); the
-canonical fields per task type are listed in ARCHITECTURE.md (Examples).
+Source field names are mapped in the task config (``fields: {text: sentence}``); a text
+field may join several source columns with a space (``fields: {text: [title, description]}``).
+The canonical fields per task type are listed in ARCHITECTURE.md (Examples).
 
 Public entry point: :func:`read_examples` (also used by megamt.eval for raw references).
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from megamt.config import JOINABLE_FIELDS
 from megamt.data.errors import DataError, SkipCounter, bad_input
 
 csv.field_size_limit(sys.maxsize)
@@ -57,13 +62,17 @@ def _detect_format(path: Path, fmt: str) -> str:
                     "`format:` in the task's input (tsv, csv, jsonl, squad, conll, hf_disk, hf)")
 
 
-def read_delimited(path: Path, delimiter: str, quoting: bool, on_error: str, skips: SkipCounter | None
-                   ) -> Iterator[tuple[str, dict]]:
-    """TSV/CSV with a header row. Rows whose column count differs from the header's are bad input."""
-    with open(path, newline="", encoding="utf-8") as f:
+def read_delimited(path: Path, delimiter: str, quoting: bool, on_error: str, skips: SkipCounter | None,
+                   columns: Optional[list[str]] = None) -> Iterator[tuple[str, dict]]:
+    """TSV/CSV rows as ``{column: value}``. The column names come from ``columns`` (a
+    headerless file: every line is data) or from the first row (the header). A UTF-8
+    byte-order mark is dropped; CR, LF and CRLF line ends are all accepted. Rows whose
+    column count differs from the header's are bad input."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE,
                             strict=quoting)
-        header: Optional[list[str]] = None
+        header: Optional[list[str]] = list(columns) if columns else None
+        named = "the input's `columns`" if columns else "the header"
         while True:
             try:
                 row = next(reader)
@@ -80,13 +89,14 @@ def read_delimited(path: Path, delimiter: str, quoting: bool, on_error: str, ski
             where = f"{path}:{reader.line_num}"
             if len(row) < len(header):
                 bad_input(on_error, skips, where, "missing_field",
-                          f"{len(row)} columns, the header has {len(header)} ({header}): field(s) "
+                          f"{len(row)} columns, {named} has {len(header)} ({header}): field(s) "
                           f"{header[len(row):]} missing")
                 continue
             if len(row) > len(header):
                 bad_input(on_error, skips, where, "extra_field",
-                          f"{len(row)} columns, the header has {len(header)} ({header}): extra field(s) "
-                          f"{row[len(header):]!r}")
+                          f"{len(row)} columns, {named} has {len(header)} ({header}): extra field(s) "
+                          f"{row[len(header):]!r}" + ("" if columns or quoting or delimiter != "," else
+                                                      "; a comma inside unquoted text? set `quoting: true`"))
                 continue
             yield where, dict(zip(header, row))
 
@@ -140,11 +150,14 @@ def read_squad(path: Path, on_error: str, skips: SkipCounter | None) -> Iterator
                               "question": qa["question"], "answers": qa["answers"]}
 
 
-def read_conll(path: Path, on_error: str, skips: SkipCounter | None) -> Iterator[tuple[str, dict]]:
-    """CoNLL columns (token first, tag last), blank line between sentences, -DOCSTART- skipped.
+def read_conll(path: Path, on_error: str, skips: SkipCounter | None, tag_column: int = -1
+               ) -> Iterator[tuple[str, dict]]:
+    """CoNLL columns (token first, tag in ``tag_column``, default the last), blank line between
+    sentences, -DOCSTART- skipped.
 
     The column count is fixed by the file's first token line; a line with another count is
-    bad input and its whole sentence is dropped (under skip).
+    bad input and its whole sentence is dropped (under skip). A ``tag_column`` the file does
+    not have raises (reason missing_column) at its first token line.
     """
     ncols: Optional[int] = None
     tokens: list[str] = []
@@ -178,6 +191,11 @@ def read_conll(path: Path, on_error: str, skips: SkipCounter | None) -> Iterator
                 if ncols < 2:
                     raise DataError(f"{path}:{lineno}", "bad_columns",
                                     "a CoNLL line needs at least 2 columns (token ... tag)")
+                if not (0 < tag_column < ncols or -ncols < tag_column < 0):
+                    raise DataError(f"{path}:{lineno}", "missing_column",
+                                    f"tag column {tag_column} does not exist: the file has {ncols} columns "
+                                    f"({line.rstrip()!r}); set the input's tag_column to a column index 1..{ncols - 1} "
+                                    f"(or pos / chunk / ner where the file has that column)")
             if not tokens:
                 start = lineno
             if len(cols) != ncols:
@@ -188,7 +206,7 @@ def read_conll(path: Path, on_error: str, skips: SkipCounter | None) -> Iterator
                 tokens.append(cols[0])
                 continue
             tokens.append(cols[0])
-            tags.append(cols[-1])
+            tags.append(cols[tag_column])
         rec = flush()
         if rec:
             yield rec
@@ -245,15 +263,26 @@ def read_records(inp, on_error: str = "raise", skips: SkipCounter | None = None)
     if fmt == "hf_disk":
         yield from _hf_records(str(path), inp, on_error, skips)
     elif fmt in ("tsv", "csv"):
-        yield from read_delimited(path, "\t" if fmt == "tsv" else ",", inp.quoting, on_error, skips)
+        quoting = (fmt == "csv") if inp.quoting is None else inp.quoting
+        yield from read_delimited(path, "\t" if fmt == "tsv" else ",", quoting, on_error, skips, inp.columns)
     elif fmt == "jsonl":
         yield from read_jsonl(path, on_error, skips)
     elif fmt == "squad":
         yield from read_squad(path, on_error, skips)
     elif fmt == "conll":
-        yield from read_conll(path, on_error, skips)
+        yield from read_conll(path, on_error, skips, conll_tag_column(inp))
     else:
         raise DataError(str(path), "unknown_format", f"unknown format {fmt!r}")
+
+
+def conll_tag_column(inp) -> int:
+    """``inputs.*.tag_column`` as a column index (names: the CoNLL-2003 layout; unset: the last)."""
+    from megamt.config import TAG_COLUMNS
+
+    col = getattr(inp, "tag_column", None)
+    if col is None:
+        return -1
+    return TAG_COLUMNS[col] if col in TAG_COLUMNS else int(col)
 
 
 # --------------------------------------------------------------------------- tags
@@ -274,6 +303,11 @@ def normalize_iob2(tags: list[str], where: str) -> list[str]:
         out.append(t)
         prev = t
     return out
+
+
+def looks_iob(tags: Iterable[str]) -> bool:
+    """Whether every tag is ``O``, ``B-X`` or ``I-X`` (chunk / entity tags, scored by span)."""
+    return all(t == "O" or (len(t) > 2 and t[1] == "-" and t[0] in "BI") for t in tags)
 
 
 def tag_set(entity_types: Iterable[str]) -> list[str]:
@@ -299,12 +333,24 @@ REQUIRED = {
     "ner": ("tokens", "tags"),
     "summarization": ("document", "summary"),
     "instruction": ("prompt", "response"),
+    "tagging": ("tokens", "tags"),
+    "generative_qa": ("question", "answers"),
+    "multiple_choice": ("question", "choices", "label"),
 }
-OPTIONAL = {"classification": ("text_pair",)}
+OPTIONAL = {"classification": ("text_pair",), "generative_qa": ("context",), "multiple_choice": ("context",)}
 
 
-def _get(row: dict, name: str):
-    """A field by name; dotted names reach into nested mappings (``answers.text``)."""
+TEXT_FIELDS = JOINABLE_FIELDS  # the text fields; each may join several source fields
+
+
+def _get(row: dict, name):
+    """A field by name; dotted names reach into nested mappings (``answers.text``); a list of
+    names joins those columns' values with a space (None when one of them is missing)."""
+    if isinstance(name, list):
+        parts = [_get(row, n) for n in name]
+        if any(p is None for p in parts):
+            return None
+        return " ".join(str(p).strip() for p in parts if str(p).strip())
     if name in row:
         return row[name]
     cur: Any = row
@@ -331,6 +377,8 @@ def canonical(where: str, row: dict, task: str, task_cfg, labels: Optional[list[
               skips: SkipCounter | None) -> Optional[Example]:
     """Map one raw record to an :class:`Example` (None when skipped)."""
     ttype = task_cfg.task_type
+    if ttype == "multiple_choice":
+        return multiple_choice_example(where, row, task, task_cfg, on_error, skips)
     fields = {}
     for name in REQUIRED[ttype] + OPTIONAL.get(ttype, ()):
         src = task_cfg.fields.get(name, name)
@@ -342,13 +390,17 @@ def canonical(where: str, row: dict, task: str, task_cfg, labels: Optional[list[
                               f"field {src!r} (mapped to {name}) is missing; the row has {sorted(row)}")
                     return None
                 continue
+            absent = [n for n in src if _get(row, n) is None] if isinstance(src, list) else src
             bad_input(on_error, skips, where, "missing_field",
-                      f"field {src!r} (canonical {name!r}) is missing; the row has {sorted(row)}. "
-                      f"Map it in the task's `fields:`")
+                      f"field {absent!r} (canonical {name!r}) is missing; the row has {sorted(row)}. "
+                      f"Map it in the task's `fields:` (a file without a header row: name its columns "
+                      f"with the input's `columns: [...]`)")
             return None
         fields[name] = value
     key = str(row["id"]) if ttype == "extractive_qa" and "id" in row else where
-    for name in ("text", "text_pair", "context", "question", "document", "summary", "prompt", "response"):
+    if ttype == "generative_qa" and not str(fields.get("context", "x")).strip():
+        del fields["context"]  # an empty optional context: a closed-book question
+    for name in TEXT_FIELDS:
         if name in fields:
             if not isinstance(fields[name], str):
                 fields[name] = str(fields[name])
@@ -381,32 +433,162 @@ def canonical(where: str, row: dict, task: str, task_cfg, labels: Optional[list[
                           f"(context there reads {ctx[max(s, 0):max(s, 0) + len(t or '')]!r})")
                 return None
         fields["answers"] = answers
-    elif ttype == "ner":
-        toks, tags = fields["tokens"], fields["tags"]
-        if isinstance(toks, str):
-            toks = toks.split()
-        if isinstance(tags, str):
-            tags = tags.split()
-        toks, tags = [str(t) for t in toks], [str(t) for t in tags]
-        if not toks:
-            bad_input(on_error, skips, where, "empty_field", "a sentence without tokens")
+    elif ttype in ("ner", "tagging"):
+        words = tagged_words(where, fields, ttype, labels, on_error, skips)
+        if words is None:
             return None
-        if len(toks) != len(tags):
-            bad_input(on_error, skips, where, "bad_columns", f"{len(toks)} tokens but {len(tags)} tags")
+        fields["tokens"], fields["tags"] = words
+    elif ttype == "generative_qa":
+        answers = generative_answers(fields["answers"])
+        if not answers:
+            bad_input(on_error, skips, where, "missing_field",
+                      f"no answer text (expected a string or a list of strings, got {fields['answers']!r})")
             return None
+        fields["answers"] = answers
+    return Example(key=key, task=task, task_type=ttype, fields=fields)
+
+
+def tagged_words(where: str, fields: dict, ttype: str, labels: Optional[list[str]], on_error: str,
+                 skips: SkipCounter | None) -> Optional[tuple[list[str], list[str]]]:
+    """The (tokens, tags) of a ner / tagging example, checked (None when skipped). NER tags
+    and IOB-looking tagging tags (chunks) are normalised to IOB2; plain tags (POS) stay."""
+    toks, tags = fields["tokens"], fields["tags"]
+    if isinstance(toks, str):
+        toks = toks.split()
+    if isinstance(tags, str):
+        tags = tags.split()
+    toks, tags = [str(t) for t in toks], [str(t) for t in tags]
+    if not toks:
+        bad_input(on_error, skips, where, "empty_field", "a sentence without tokens")
+        return None
+    if len(toks) != len(tags):
+        bad_input(on_error, skips, where, "bad_columns", f"{len(toks)} tokens but {len(tags)} tags")
+        return None
+    if ttype == "ner" or looks_iob(labels if labels else tags):
         try:
             tags = normalize_iob2(tags, where)
         except DataError as e:
             bad_input(on_error, skips, where, "bad_tag", str(e).split(": ", 1)[-1])
             return None
-        if labels is not None:
-            bad = [t for t in tags if t not in labels]
-            if bad:
-                bad_input(on_error, skips, where, "unknown_label",
-                          f"tag {bad[0]!r} is not in the task's tag set {labels}")
-                return None
-        fields["tokens"], fields["tags"] = toks, tags
-    return Example(key=key, task=task, task_type=ttype, fields=fields)
+    if labels is not None:
+        bad = [t for t in tags if t not in labels]
+        if bad:
+            bad_input(on_error, skips, where, "unknown_label",
+                      f"tag {bad[0]!r} is not in the task's tag set {labels}")
+            return None
+    return toks, tags
+
+
+def generative_answers(value) -> list[str]:
+    """Free-text answers: a string, a list of strings, or SQuAD-style ``{text: ...}`` records."""
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, dict) and "text" in value:
+        value = value["text"] if isinstance(value["text"], list) else [value["text"]]
+    if not isinstance(value, list):
+        return []
+    out = [str(a["text"] if isinstance(a, dict) else a).strip() for a in value
+           if (a.get("text") if isinstance(a, dict) else a) is not None]
+    return [a for a in out if a]
+
+
+def _choice_list(row: dict, src: str) -> tuple[Optional[list], Optional[list[str]], Optional[str]]:
+    """(choice texts, their own labels or None, the first missing field) of a multiple-choice
+    record: a list field (strings, or ``{text, label}`` records), HF's ``{text: [...], label:
+    [...]}``, or numbered fields named together (``"sol1,sol2"``)."""
+    if "," in src:
+        names = [n.strip() for n in src.split(",") if n.strip()]
+        values = [_get(row, n) for n in names]
+        missing = [n for n, v in zip(names, values) if v is None]
+        return (None, None, missing[0]) if missing else (values, None, None)
+    value = _get(row, src)
+    if value is None:
+        return None, None, src
+    if isinstance(value, dict) and "text" in value:
+        texts, labs = value.get("text"), value.get("label")
+        return list(texts or []), [str(x) for x in labs] if isinstance(labs, list) else None, None
+    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value):
+        return [c.get("text") for c in value], [str(c.get("label")) for c in value] if all(
+            "label" in c for c in value) else None, None
+    if isinstance(value, str):  # a JSON list inside a TSV/CSV cell
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed, None, None
+        return [value], None, None
+    return list(value) if isinstance(value, (list, tuple)) else [value], None, None
+
+
+def choice_index(label, n: int, choice_labels: Optional[list[str]]) -> tuple[Optional[int], str]:
+    """A multiple-choice label -> (0-based choice index, "") or (None, why). A choice's own
+    label wins (ARC's "1".."4"); else an integer is a 0-based index and a single letter A-Z
+    counts from A."""
+    text = str(label).strip()
+    if choice_labels and text in choice_labels:
+        return choice_labels.index(text), ""
+    if isinstance(label, bool) or not text:
+        return None, f"label {label!r} is neither a choice index nor a letter"
+    if text.lstrip("-").isdigit():
+        idx = int(text)
+    elif len(text) == 1 and text.isalpha():
+        idx = ord(text.upper()) - ord("A")
+    else:
+        return None, (f"label {label!r} is neither a 0-based choice index, a letter A-Z, nor one of the "
+                      f"choices' labels {choice_labels}" if choice_labels else
+                      f"label {label!r} is neither a 0-based choice index nor a letter A-Z")
+    if not 0 <= idx < n:
+        return None, f"label {label!r} (choice {idx}) is out of range for {n} choices"
+    return idx, ""
+
+
+def multiple_choice_example(where: str, row: dict, task: str, task_cfg, on_error: str,
+                            skips: SkipCounter | None) -> Optional[Example]:
+    """A multiple-choice record -> Example(question, [context], choices: list[str], label: int)."""
+    fmap = task_cfg.fields
+    fields: dict[str, Any] = {}
+    for name in ("question", "context"):
+        src = fmap.get(name, name)
+        value = _get(row, src)
+        if value is None:
+            if name == "context" and name not in fmap:
+                continue
+            bad_input(on_error, skips, where, "missing_field",
+                      f"field {src!r} (canonical {name!r}) is missing; the row has {sorted(row)}. "
+                      f"Map it in the task's `fields:`")
+            return None
+        value = str(value).strip()
+        if value:
+            fields[name] = value
+        elif name == "question":
+            bad_input(on_error, skips, where, "empty_field", "field 'question' is empty")
+            return None
+    src = fmap.get("choices", "choices")
+    choices, choice_labels, missing = _choice_list(row, src)
+    if missing is not None:
+        bad_input(on_error, skips, where, "missing_field",
+                  f"choice field {missing!r} is missing; the row has {sorted(row)}. Map `choices:` to a list "
+                  f"field or to numbered fields joined by commas (\"sol1,sol2\")")
+        return None
+    choices = [None if c is None else str(c).strip() for c in choices]
+    if len(choices) < 2 or any(not c for c in choices):
+        why = (f"{len(choices)} choice(s) {choices!r}: a multiple-choice example needs at least 2"
+               if len(choices) < 2 else f"choice {[i for i, c in enumerate(choices) if not c][0]} is empty")
+        bad_input(on_error, skips, where, "too_few_choices", why)
+        return None
+    lsrc = fmap.get("label", "label")
+    label = _get(row, lsrc)
+    if label is None:
+        bad_input(on_error, skips, where, "missing_field",
+                  f"field {lsrc!r} (canonical 'label') is missing; the row has {sorted(row)}")
+        return None
+    idx, why = choice_index(label, len(choices), choice_labels)
+    if idx is None:
+        bad_input(on_error, skips, where, "label_out_of_range", why)
+        return None
+    fields["choices"], fields["label"] = choices, idx
+    return Example(key=where, task=task, task_type="multiple_choice", fields=fields)
 
 
 def resolve_labels(task_name: str, task_cfg, on_error: str = "raise") -> Optional[list[str]]:
@@ -416,10 +598,10 @@ def resolve_labels(task_name: str, task_cfg, on_error: str = "raise") -> Optiona
     first split when there is no train split. Class id / tag id = index in this list.
     """
     ttype = task_cfg.task_type
-    if ttype not in ("classification", "ner"):
+    if ttype not in ("classification", "ner", "tagging"):
         return None
     if task_cfg.labels:
-        return list(task_cfg.labels) if ttype == "classification" else ner_tags_from_labels(task_cfg.labels)
+        return ner_tags_from_labels(task_cfg.labels) if ttype == "ner" else list(task_cfg.labels)
     if not task_cfg.inputs:
         return None
     split = "train" if "train" in task_cfg.inputs else next(iter(task_cfg.inputs))
@@ -427,8 +609,12 @@ def resolve_labels(task_name: str, task_cfg, on_error: str = "raise") -> Optiona
     for ex in read_examples(task_name, task_cfg, split, on_error="skip", skips=SkipCounter(), labels=None):
         if ttype == "classification":
             seen.add(ex.fields["label"])
+        elif ttype == "tagging":
+            seen.update(ex.fields["tags"])
         else:
             seen.update(t[2:] for t in ex.fields["tags"] if t != "O")
+    if ttype == "tagging":  # chunk tags: the IOB2 set of their types; plain tags (POS): sorted
+        return tag_set(t[2:] for t in seen if t != "O") if looks_iob(seen) else sorted(seen)
     return sorted(seen) if ttype == "classification" else tag_set(seen)
 
 

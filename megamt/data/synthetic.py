@@ -10,7 +10,8 @@
 - ``tokenizer/``: a WordPiece tokenizer trained on the corpus with ``tokenizers``, saved as a
   ``PreTrainedTokenizerFast`` (``AutoTokenizer.from_pretrained(dir)`` loads it) with
   ``[PAD] [UNK] [CLS] [SEP] [MASK] <s> </s>`` and a BERT-style post-processor;
-- ``spec.yaml``: a valid megamt config (``tasks:``, a tiny Llama ``model.from_config``,
+- ``spec.yaml``: a valid megamt config (``tasks:``, a tiny Llama ``model.from_config`` -- or a tiny
+  T5 with ``--family seq2seq`` --,
   ``data.shards_dir`` / ``data.tokenizer`` pointing into OUT_DIR).
 
 Every answer follows a rule a tiny model learns in a few hundred steps: sentiment from the
@@ -235,9 +236,6 @@ def demo_spec(corpus_rel: str = "corpus") -> dict:
     }
 
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
-
-
 def build_tokenizer(texts, out_dir: Path, vocab_size: int = 2000) -> Path:
     """A WordPiece tokenizer for ``texts``, saved as a ``PreTrainedTokenizerFast``.
 
@@ -248,8 +246,9 @@ def build_tokenizer(texts, out_dir: Path, vocab_size: int = 2000) -> Path:
     """
     from collections import Counter
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from megamt.data.tokenize import SPECIAL_TOKENS, save_fast_tokenizer
 
     norm, pre = normalizers.NFC(), pre_tokenizers.BertPreTokenizer()
     words: Counter[str] = Counter()
@@ -267,14 +266,7 @@ def build_tokenizer(texts, out_dir: Path, vocab_size: int = 2000) -> Path:
     tk.normalizer = norm
     tk.pre_tokenizer = pre
     tk.decoder = decoders.WordPiece(prefix="##")
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=4096, clean_up_tokenization_spaces=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
+    save_fast_tokenizer(tk, out_dir, model_max_length=4096)
     return out_dir
 
 
@@ -293,23 +285,35 @@ def corpus_texts(corpus: Path) -> list[str]:
 
 
 def make_demo_assets(out_dir: str | Path, seed: int = 0, n_train: int = 400, n_val: int = 50,
-                     seq_len: int = 256) -> DemoAssets:
-    """Write corpus, tokenizer and spec.yaml under ``out_dir``; returns their paths."""
+                     seq_len: int = 256, family: str = "causal_lm") -> DemoAssets:
+    """Write corpus, tokenizer and spec.yaml under ``out_dir``; returns their paths.
+    ``family``: the spec's tiny model, a Llama (causal_lm) or a T5 (seq2seq, decoder rows of
+    ``seq_len // 4`` tokens)."""
     root = Path(out_dir).resolve()
     corpus = root / "corpus"
     write_corpus(corpus, seed=seed, n_train=n_train, n_val=n_val)
     tok_dir = build_tokenizer(corpus_texts(corpus), root / "tokenizer")
     from transformers import AutoTokenizer
 
-    vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
-    spec = {
-        "tasks": demo_spec("corpus"),
-        "model": {"family": "causal_lm", "from_config": {
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    vocab = len(tok)
+    if family == "seq2seq":  # T5's decoder starts from its pad id; EOS is the tokenizer's
+        model = {"from_config": {"model_type": "t5", "vocab_size": vocab, "d_model": 64, "d_kv": 16, "d_ff": 128,
+                                 "num_layers": 2, "num_heads": 4, "dropout_rate": 0.0,
+                                 "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                                 "decoder_start_token_id": tok.pad_token_id}}
+    elif family == "causal_lm":
+        model = {"family": "causal_lm", "from_config": {
             "model_type": "llama", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": max(512, seq_len), "tie_word_embeddings": True}},
+            "max_position_embeddings": max(512, seq_len), "tie_word_embeddings": True}}
+    else:
+        raise ValueError(f"make_demo_assets: family must be causal_lm or seq2seq, got {family!r}")
+    spec = {
+        "tasks": demo_spec("corpus"),
+        "model": model,
         "data": {"shards_dir": str(root / "shards"), "tokenizer": str(tok_dir), "seq_len": seq_len,
-                 "seed": seed},
+                 **({"target_len": seq_len // 4} if family == "seq2seq" else {}), "seed": seed},
         "mixture": {"strategy": "temperature", "temperature": 2.0},
     }
     spec_path = root / "spec.yaml"
@@ -325,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=400, help="train examples per task")
     ap.add_argument("--n-val", type=int, default=50, help="validation examples per task")
     ap.add_argument("--seq-len", type=int, default=256, help="data.seq_len written into the spec")
+    ap.add_argument("--family", choices=["causal_lm", "seq2seq"], default="causal_lm",
+                    help="the spec's tiny model: a Llama, or a T5 (encoder-decoder, data.target_len = seq_len/4)")
     args = ap.parse_args(argv)
-    a = make_demo_assets(args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val, seq_len=args.seq_len)
+    a = make_demo_assets(args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val, seq_len=args.seq_len,
+                         family=args.family)
     print(f"demo corpus: {a.corpus}\ntokenizer:   {a.tokenizer}\nspec:        {a.spec}\n"
           f"next: megamt build-shards {a.spec} --out {a.shards} --tokenizer {a.tokenizer}")
     return 0

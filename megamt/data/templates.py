@@ -16,6 +16,15 @@ defaults to ``{answer}``). Slots by task type:
   (:func:`ner_target`: ``"PER: John Smith; LOC: Paris"`` in sentence order, ``"none"`` if empty)
 - summarization: ``{document}``, ``{answer}``
 - instruction: ``{prompt}``, ``{answer}``
+- multiple_choice: ``{question}``, ``{context}`` (examples with a context), ``{options}`` (the
+  choices as lettered lines ``A. ...``), ``{answer}`` (the gold choice's text: what causal LMs
+  learn to write, and what rank classification scores for every choice)
+- tagging: ``{sentence}``, ``{tag_set}`` (the task's tags), ``{answer}`` (:func:`tagging_target`:
+  one tag per word, space-separated)
+- generative_qa: ``{question}``, ``{context}`` (examples with a context), ``{answer}`` (the first answer)
+
+Examples with and without a text pair (classification) or a context (multiple_choice,
+generative_qa) each take the templates whose slots they fill (:func:`fitting_templates`).
 
 ``task_cfg.instruction`` (free text) is prepended to every prompt of the task.
 """
@@ -84,6 +93,26 @@ _BUILTIN = {
         ("sum_tldr", "{document}\nTL;DR:"),
         ("sum_brief", "Document: {document}\nWrite a short summary.\nSummary:"),
     ],
+    "multiple_choice": [
+        ("mc_question", "Question: {question}\nOptions:\n{options}\nAnswer:"),
+        ("mc_pick", "Pick the best answer.\n{question}\n{options}\nThe best answer is:"),
+        ("mc_complete", "{question}"),
+        ("mc_read", "Read the text and answer the question.\nText: {context}\nQuestion: {question}\n"
+                    "Options:\n{options}\nAnswer:"),
+        ("mc_context_first", "{context}\n{question}\nOptions:\n{options}\nAnswer:"),
+    ],
+    "tagging": [
+        ("tag_each", "Tag each word of the sentence ({tag_set}).\nSentence: {sentence}\nTags:"),
+        ("tag_words", "{sentence}\nOne tag per word:"),
+        ("tag_plain", "Words: {sentence}\nTags:"),
+    ],
+    "generative_qa": [
+        ("gqa_answer", "Answer the question.\nQuestion: {question}\nAnswer:"),
+        ("gqa_plain", "Q: {question}\nA:"),
+        ("gqa_read", "Read the passage and answer the question in your own words.\nPassage: {context}\n"
+                     "Question: {question}\nAnswer:"),
+        ("gqa_context_first", "{context}\nQ: {question}\nA:"),
+    ],
     "instruction": [
         ("inst_plain", "{prompt}\n"),
         ("inst_chat", "### Instruction:\n{prompt}\n### Response:\n"),
@@ -144,6 +173,40 @@ def parse_ner_target(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def tagging_target(tags: list[str]) -> str:
+    """A tagging target: one tag per word, space-separated (``"NNP VBZ JJ"``)."""
+    return " ".join(tags)
+
+
+def parse_tagging_target(text: str, n_words: int) -> list[str]:
+    """Inverse of :func:`tagging_target` over ``n_words`` words: missing tags are ``""`` (a
+    wrong tag, whatever the gold one), extra ones are dropped."""
+    tags = text.split()[:n_words]
+    return tags + [""] * (n_words - len(tags))
+
+
+def choice_options(choices: list[str]) -> str:
+    """``A. first\nB. second`` (letters beyond Z continue as AA, AB, ... never occur in practice)."""
+    return "\n".join(f"{_letter(i)}. {c}" for i, c in enumerate(choices))
+
+
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else _letter(i // 26 - 1) + chr(ord("A") + i % 26)
+
+
+def fitting_templates(templates: list[Template], example: Example) -> list[Template]:
+    """The templates whose optional slots the example fills: ``{text_pair}`` for pair
+    classification, ``{context}`` for multiple-choice / generative QA examples with a context
+    (all templates when none fits)."""
+    if example.task_type == "classification":
+        has, slot = "text_pair" in example.fields, "text_pair"
+    elif example.task_type in ("multiple_choice", "generative_qa"):
+        has, slot = "context" in example.fields, "context"
+    else:
+        return templates
+    return [t for t in templates if (slot in t.slots) == has] or templates
+
+
 def slot_values(example: Example, task_cfg, labels: Optional[list[str]] = None) -> dict[str, str]:
     f = example.fields
     t = example.task_type
@@ -160,6 +223,14 @@ def slot_values(example: Example, task_cfg, labels: Optional[list[str]] = None) 
                 "answer": ner_target(f["tokens"], f["tags"])}
     if t == "summarization":
         return {"document": f["document"], "answer": f["summary"]}
+    if t == "multiple_choice":
+        return {"question": f["question"], "context": f.get("context", ""), "options": choice_options(f["choices"]),
+                "answer": f["choices"][f["label"]]}
+    if t == "tagging":
+        return {"sentence": " ".join(f["tokens"]), "tag_set": ", ".join(labels or sorted(set(f["tags"]))),
+                "answer": tagging_target(f["tags"])}
+    if t == "generative_qa":
+        return {"question": f["question"], "context": f.get("context", ""), "answer": f["answers"][0]}
     return {"prompt": f["prompt"], "answer": f["response"]}
 
 
@@ -167,14 +238,11 @@ def render(example: Example, task_cfg, rng: random.Random, labels: Optional[list
            templates: Optional[list[Template]] = None) -> tuple[str, str, str]:
     """``(prompt, target, template_name)`` for one example; the template is drawn with ``rng``.
 
-    Pair-classification examples use templates with ``{text_pair}``, single texts the others.
+    Only the templates that fit the example are drawn from (:func:`fitting_templates`).
     """
     templates = templates if templates is not None else resolve_templates(task_cfg)
     values = slot_values(example, task_cfg, labels)
-    if example.task_type == "classification":
-        pair = "text_pair" in example.fields
-        fitting = [t for t in templates if ("text_pair" in t.slots) == pair]
-        templates = fitting or templates
+    templates = fitting_templates(templates, example)
     tpl = templates[rng.randrange(len(templates))] if len(templates) > 1 else templates[0]
     prompt = tpl.prompt.format(**values)
     if task_cfg.instruction:

@@ -1,1 +1,1 @@
-"""Evaluation: per-task metrics, generation / rank classification, reports, transfer experiments."""
+"""Evaluation: per-task metrics, generation / rank classification, reports (experiments that launch runs live in megamt.experiments)."""

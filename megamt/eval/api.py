@@ -11,13 +11,21 @@ Predictions by model family:
 
 - causal LM: the task's evaluation template renders the prompt (one fixed template per
   task, recorded in the results); classification is T0 rank classification over the
-  verbalised labels; QA, NER (tagged-span text, parsed back to IOB2 tags) and
-  summarization/instruction use batched greedy generation bounded by ``max_new_tokens``
-  (generations cut at the bound are counted, ``cut_generations``);
+  verbalised labels; multiple choice is rank classification over the choices' texts
+  (``accuracy`` by summed log-likelihood, ``accuracy_norm`` by log-likelihood per choice
+  token); QA, NER (tagged-span text, parsed back to IOB2 tags), tagging (one tag per word),
+  generative QA and summarization/instruction use batched greedy generation bounded by
+  ``max_new_tokens`` (generations cut at the bound are counted, ``cut_generations``);
+- encoder-decoder (T5, BART): the same templates; the prompt (+ EOS, cut to ``data.seq_len``
+  as training cuts it) goes to the encoder; classification by rank classification over the
+  decoder's scores of each verbalised label, the other types by the model's own
+  ``generate`` (greedy, or beam search with ``eval.num_beams``), batched over padded (not
+  packed) batches and bounded by ``max_new_tokens`` (:func:`_predict_seq2seq`);
 - encoder + heads: each example is encoded alone (one per row, same special tokens as the
   shards); class = argmax of its head at the first token, NER tag = argmax at each word's
-  first sub-token (words cut by ``seq_len`` count as ``O``), QA answer = the best
-  context span (start <= end, at most ``max_answer_tokens``) mapped back to the text.
+  first sub-token (words cut by ``seq_len`` count as ``O``; tagging the same), QA answer = the
+  best context span (start <= end, at most ``max_answer_tokens``) mapped back to the text,
+  multiple choice = the choice (encoded with its question, as in training) the head scores highest.
 
 A task held out of training (``zero_shot``) is evaluated the same way; with a supervised
 reference (``supervised=``: an ``eval.json`` path or ``{task: {metric: value}}``), each
@@ -38,6 +46,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megamt import comm
 from megamt.config import InputConfig, MultitaskConfig, TaskConfig
 from megamt.eval import metrics as M
 
@@ -64,7 +73,8 @@ class EvalTask:
 
 
 def model_family(model) -> tuple[str, Any]:
-    """(family, module): ``encoder`` -> the EncoderWithHeads, ``causal_lm`` -> the HF causal LM."""
+    """(family, module): ``encoder`` -> the EncoderWithHeads, ``causal_lm`` -> the HF causal LM,
+    ``seq2seq`` -> the HF encoder-decoder."""
     from megamt.heads import EncoderWithHeads
 
     if isinstance(model, EncoderWithHeads):
@@ -72,6 +82,10 @@ def model_family(model) -> tuple[str, Any]:
     inner = getattr(model, "backbone", None)
     if isinstance(inner, EncoderWithHeads):
         return "encoder", inner
+    if getattr(model, "family", None) == "seq2seq" and inner is not None:
+        return "seq2seq", inner
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "seq2seq", model
     if getattr(model, "family", None) == "causal_lm" and inner is not None:
         return "causal_lm", inner
     return "causal_lm", model
@@ -80,11 +94,11 @@ def model_family(model) -> tuple[str, Any]:
 def gather_plain_copy(module, config: MultitaskConfig):
     """A plain (non-partitioned, CPU, eval-mode) MultitaskModel with ``module``'s weights.
 
-    ``module``: the trained MultitaskModel, possibly partitioned by ZeRO-3 (``engine.module``).
-    Collective under ZeRO-3: every rank must call it. Use it to evaluate during training::
-
-        results = evaluate(gather_plain_copy(engine.module, cfg), out_dir=run_dir / f"eval/{step}")
-        log_eval(writer, step, results)
+    Not needed to evaluate: :func:`evaluate` takes the ZeRO-3 partitioned model itself
+    (``engine.module``) and gathers module by module. This builds a full copy on every
+    rank (all parameters gathered at once first) -- kept as the reference the partitioned
+    evaluation is tested against, and for the memory benchmark (tools/bench_eval_memory.py).
+    Collective under ZeRO-3: every rank must call it.
     """
     import copy
 
@@ -109,9 +123,48 @@ def gather_plain_copy(module, config: MultitaskConfig):
 
 
 def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return comm.rank(), comm.world_size()
+
+
+class RoutedModel:
+    """A submodule called through the root MultitaskModel (``root(ModuleCall(...))``), so that
+    ZeRO-3 counts every evaluation forward as one step of the partitioned root module (see
+    :class:`megamt.model.ModuleCall`). Exposes what megamt.eval.generation uses."""
+
+    def __init__(self, root, module):
+        self.root, self.module = root, module
+
+    def __call__(self, *args, **kwargs):
+        from megamt.model import ModuleCall
+
+        return self.root(ModuleCall(self.module.__call__, args, kwargs))
+
+    def run(self, fn, *args):
+        """``fn(*args)`` inside one root forward (several submodule calls as one step)."""
+        from megamt.model import ModuleCall
+
+        return self.root(ModuleCall(fn, args, {}))
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def get_base_model(self):
+        return self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+
+
+def _routed(model, module) -> RoutedModel:
+    from megamt.model import MultitaskModel
+
+    if isinstance(model, MultitaskModel):
+        return RoutedModel(model, module)
+    return RoutedModel(_Direct(), module)
+
+
+class _Direct:
+    """The root of a model that is not a MultitaskModel: calls run as they are."""
+
+    def __call__(self, call):
+        return call.fn(*call.args, **call.kwargs)
 
 
 def check_tokenizer_matches(tok, model, where: str = "", manifest_dir: str | None = None) -> None:
@@ -203,25 +256,30 @@ def resolve_tasks(config: MultitaskConfig, tasks=None, *, split: str | None = No
     return out
 
 
-def _read(et: EvalTask) -> list:
-    from megamt.data.formats import read_examples
+def _read(et: EvalTask, on_error: str = "raise") -> tuple[list, dict[str, int]]:
+    """The split's examples and the skip counts per reason. An example is checked as
+    build-shards checks it, against the same label set (``resolve_labels``): a label the
+    model cannot predict raises naming file and line, or is counted under ``on_error="skip"``."""
+    from megamt.data.errors import DataError, SkipCounter
+    from megamt.data.formats import read_examples, resolve_labels
 
-    from megamt.data.errors import DataError
-
+    skips = SkipCounter()
     examples = []
     try:
-        for ex in read_examples(et.name, et.task, et.split, check_labels=False):
+        labels = resolve_labels(et.name, et.task, on_error)
+        for ex in read_examples(et.name, et.task, et.split, on_error=on_error, skips=skips, labels=labels):
             examples.append(ex)
             if et.max_examples is not None and len(examples) >= et.max_examples:
                 break
     except DataError as e:
-        if "empty_input" in str(e) or getattr(e, "reason", "") == "empty_input":
+        if getattr(e, "reason", "") == "empty_input":
             raise EvalError(f"tasks.{et.name}.inputs.{et.split}: the eval split is empty ({e})") from None
         raise
     if not examples:
         raise EvalError(f"tasks.{et.name}.inputs.{et.split}: the eval split is empty "
-                        f"({et.task.inputs[et.split].path}); nothing to evaluate")
-    return examples
+                        f"({et.task.inputs[et.split].path}); nothing to evaluate"
+                        + (f" (skipped: {skips.as_dict()})" if skips.total() else ""))
+    return examples, skips.as_dict()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -231,13 +289,22 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
              split: str | None = None, max_examples: int | None = None, max_new_tokens: int | None = None,
              batch_size: int | None = None, out_dir: str | Path | None = None,
              supervised: dict | str | Path | None = None, zero_shot: Sequence[str] = (),
-             progress: bool = True, write_predictions: bool = True, all_templates: bool | None = None) -> dict:
+             progress: bool = True, write_predictions: bool = True, all_templates: bool | None = None,
+             on_error: str | None = None) -> dict:
     """Per-task metrics of ``model`` (a MultitaskModel, EncoderWithHeads or HF causal LM).
+
+    ``model`` may be partitioned by ZeRO-3 (``engine.module`` during training, ``megamt eval``
+    under a launcher): every forward then gathers one module's parameters at a time on the
+    rank's device, and the ranks run their forwards in lockstep
+    (:class:`megamt.eval.generation.Lockstep`). Collective then: every rank must call it.
 
     Returns ``{"tasks": {name: {...}}, ...}`` on every rank (rank 0 computes the metrics and
     broadcasts them); rank 0 writes ``eval.json`` + ``eval.md`` into ``out_dir`` when given.
     ``all_templates`` (default ``eval.all_templates``): causal LMs are scored with every
     fitting template, ``metrics`` being their mean (see megamt.eval.report).
+    ``on_error`` (default ``data.on_error``, as build-shards): an example build-shards would
+    reject (a label outside the task's label set ...) raises (``"raise"``) or is skipped and
+    counted in the task's ``skipped`` (``"skip"``).
     """
     config = config if config is not None else getattr(model, "config", None)
     if not isinstance(config, MultitaskConfig):
@@ -247,6 +314,14 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
     batch_size = batch_size or ecfg.batch_size
     all_templates = ecfg.all_templates if all_templates is None else bool(all_templates)
     family, module = model_family(model)
+    from megamt.eval.generation import zero3_partitioned
+
+    if family == "seq2seq" and comm.world_size() > 1 and zero3_partitioned(module):
+        # the encoder-decoder's own generate is not routed through the partitioned root module
+        # (megamt.model.ModuleCall) yet: evaluate a gathered plain copy (collective; memory: one
+        # full model per rank, as before the partitioned evaluation of the other families)
+        model = gather_plain_copy(model, config)
+        family, module = model_family(model)
     if tokenizer is None:
         from megamt.data.tokenize import load_tokenizer
 
@@ -261,17 +336,24 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
     try:
         for et in eval_tasks:
             t0 = time.perf_counter()
-            examples = _read(et)
+            examples, skipped = _read(et, on_error or config.data.on_error)
             mine = list(range(rank, len(examples), world))
+            routed = _routed(model, module)
             if family == "encoder":
-                runs = [_predict_encoder(module, tokenizer, config, et, examples, mine, batch_size, progress)]
+                runs = [_predict_encoder(routed, tokenizer, config, et, examples, mine, batch_size, progress)]
+            elif family == "seq2seq":
+                templates = _templates(et, examples[0]) if all_templates else [None]
+                runs = [_predict_seq2seq(module, tokenizer, config, et, examples, mine, batch_size, max_new_tokens,
+                                         progress, tpl=tpl) for tpl in templates]
             else:
                 templates = _templates(et, examples[0]) if all_templates else [None]
-                runs = [_predict_causal(module, tokenizer, config, et, examples, mine, batch_size, max_new_tokens,
+                runs = [_predict_causal(routed, tokenizer, config, et, examples, mine, batch_size, max_new_tokens,
                                         progress, tpl=tpl) for tpl in templates]
             gathered = [(_gather(local, world), template) for local, template in runs]
             entry: dict[str, Any] = {"task_type": et.task.task_type, "split": et.split, "template": runs[0][1],
                                      "zero_shot": bool(et.task.zero_shot or et.name in zero_shot)}
+            if skipped:
+                entry["skipped"] = skipped
             if rank == 0:
                 scored = [_score(et, examples, g) for g, _ in gathered]
                 entry.update(scored[0])
@@ -311,10 +393,7 @@ def evaluate_zero_shot(model, task_name: str, test_dataset, task_type: str, *, l
         raise EvalError("evaluate_zero_shot: pass config= (the MultitaskConfig the model was built with)")
     if task_type not in M.METRICS_BY_TYPE:
         raise EvalError(f"evaluate_zero_shot: task_type {task_type!r} is not one of {sorted(M.METRICS_BY_TYPE)}")
-    family, _ = model_family(model)
-    if family == "encoder":
-        raise EvalError(f"evaluate_zero_shot({task_name!r}): an encoder with task heads has no head for a task it "
-                        f"never trained on; zero-shot transfer needs the causal_lm family (text-to-text)")
+    # an encoder predicts it with a trained head of the same label set (encoder_head_for)
     inp = _dataset_input(task_name, test_dataset, kwargs.get("out_dir"))
     task = TaskConfig(task_type=task_type, inputs={split: inp}, fields=dict(fields or {}), labels=labels,
                       verbalizers=verbalizers, templates=list(templates or []), zero_shot=True,
@@ -357,15 +436,11 @@ def _template(et: EvalTask, example) -> Any:
 
 def _templates(et: EvalTask, example) -> list:
     """The templates that fit the task (the configured one alone when ``template`` is set)."""
-    from megamt.data.templates import resolve_templates
+    from megamt.data.templates import fitting_templates, resolve_templates
 
     if et.template:
         return [_named_template(et)]
-    templates = resolve_templates(et.task)
-    if et.task.task_type == "classification":
-        pair = "text_pair" in example.fields
-        templates = [t for t in templates if ("text_pair" in t.slots) == pair] or templates
-    return templates
+    return fitting_templates(resolve_templates(et.task), example)
 
 
 def _named_template(et: EvalTask) -> Any:
@@ -385,9 +460,33 @@ def _encode_text(tok, text: str, bos: int | None) -> list[int]:
     return ([bos] if bos is not None else []) + ids
 
 
-def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, max_new_tokens, progress, tpl=None):
-    from megamt.data.formats import Example, resolve_labels
+def _render_inputs(tok, et: EvalTask, examples, mine, tpl, labels, ids) -> tuple[list, list]:
+    """Token ids of each example's prompt ([BOS] + prompt, as the shards hold it) and, for
+    classification, of every label's target (+ EOS) -- for multiple choice every choice's --
+    through template ``tpl``."""
+    from megamt.data.formats import Example
     from megamt.data.templates import render
+
+    rng = random.Random(0)  # unused: a single template is always chosen
+    prompts, choices = [], []
+    for i in mine:
+        ex = examples[i]
+        prompt, _, _ = render(ex, et.task, rng, labels=labels, templates=[tpl])
+        prompts.append(_encode_text(tok, prompt, ids["bos"]))
+        if et.task.task_type == "classification":
+            opts = []
+            for lab in labels:
+                _, target, _ = render(Example(ex.key, ex.task, ex.task_type, {**ex.fields, "label": lab}),
+                                      et.task, rng, labels=labels, templates=[tpl])
+                opts.append(tok(target, add_special_tokens=False)["input_ids"] + [ids["eos"]])
+            choices.append(opts)
+        elif et.task.task_type == "multiple_choice":
+            choices.append(_choice_targets(ex, et.task, tok, tpl, ids["eos"]))
+    return prompts, choices
+
+
+def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, max_new_tokens, progress, tpl=None):
+    from megamt.data.formats import resolve_labels
     from megamt.data.tokenize import special_ids
     from megamt.eval.generation import greedy_generate, rank_classify
 
@@ -397,31 +496,75 @@ def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, m
     # the progress bar names the template only when one of several is being swept (all_templates)
     label = f"eval {et.name}" + (f" [{tpl.name}]" if tpl is not None else "")
     tpl = tpl or _template(et, examples[0])
-    rng = random.Random(0)  # unused: a single template is always chosen
-    prompts, choices = [], []
-    for i in mine:
-        ex = examples[i]
-        prompt, _, _ = render(ex, et.task, rng, labels=labels, templates=[tpl])
-        prompts.append(_encode_text(tok, prompt, ids["bos"]))
-        if ttype == "classification":
-            opts = []
-            for lab in labels:
-                _, target, _ = render(Example(ex.key, ex.task, ex.task_type, {**ex.fields, "label": lab}),
-                                      et.task, rng, labels=labels, templates=[tpl])
-                opts.append(tok(target, add_special_tokens=False)["input_ids"] + [ids["eos"]])
-            choices.append(opts)
+    prompts, choices = _render_inputs(tok, et, examples, mine, tpl, labels, ids)
     bar = _bar(len(mine), label, progress)
     local = []
     if ttype == "classification":
         picks = rank_classify(lm, prompts, choices, pad_id=ids["pad"], batch_size=batch_size,
                               max_length=config.data.seq_len, progress=bar)
         local = [(i, labels[p], True) for i, p in zip(mine, picks)]
+    elif ttype == "multiple_choice":
+        from megamt.eval.generation import choice_log_likelihoods
+
+        scores = choice_log_likelihoods(lm, prompts, choices, pad_id=ids["pad"], batch_size=batch_size,
+                                        max_length=config.data.seq_len, progress=bar)
+        for i, s, opts in zip(mine, scores, choices):
+            norm = [v / len(c) for v, c in zip(s, opts)]
+            local.append((i, {"choice": _argmax(s), "choice_norm": _argmax(norm)}, True))
     else:
         gens = greedy_generate(lm, prompts, eos_id=ids["eos"], pad_id=ids["pad"], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, max_length=config.data.seq_len, progress=bar)
         for i, g in zip(mine, gens):
             text = tok.decode(g.ids, skip_special_tokens=True).strip()
             local.append((i, text, g.stopped))
+    if bar is not None:
+        bar.close()
+    return local, tpl.name
+
+
+def _choice_targets(ex, task_cfg, tok, tpl, eos: int) -> list[list[int]]:
+    """Each choice's target ids (EOS included, as in training) under template ``tpl``."""
+    import dataclasses as dc
+
+    from megamt.data.templates import render
+
+    out = []
+    for c in range(len(ex.fields["choices"])):
+        _, target, _ = render(dc.replace(ex, fields={**ex.fields, "label": c}), task_cfg, random.Random(0),
+                              templates=[tpl])
+        out.append(tok(target, add_special_tokens=False)["input_ids"] + [eos])
+    return out
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value (the first on ties)."""
+    return max(range(len(values)), key=lambda j: (values[j], -j))
+
+
+def _predict_seq2seq(model, tok, config, et: EvalTask, examples, mine, batch_size, max_new_tokens, progress,
+                     tpl=None):
+    """An encoder-decoder's predictions: encoder input = [BOS] + prompt + EOS (training's
+    ``seq2seq_item``), cut to ``data.seq_len`` like training; decoder scores for
+    classification, the model's own ``generate`` (``eval.num_beams``) otherwise."""
+    from megamt.data.formats import resolve_labels
+    from megamt.data.packing import cut_prompt
+    from megamt.data.tokenize import special_ids
+    from megamt.eval.generation import seq2seq_generate, seq2seq_rank_classify
+
+    ids = special_ids(tok)
+    labels = resolve_labels(et.name, et.task)
+    label = f"eval {et.name}" + (f" [{tpl.name}]" if tpl is not None else "")
+    tpl = tpl or _template(et, examples[0])
+    prompts, choices = _render_inputs(tok, et, examples, mine, tpl, labels, ids)
+    prompts = [[int(x) for x in cut_prompt(p + [ids["eos"]], config.data.seq_len)] for p in prompts]
+    bar = _bar(len(mine), label, progress)
+    if et.task.task_type == "classification":
+        picks = seq2seq_rank_classify(model, prompts, choices, pad_id=ids["pad"], batch_size=batch_size, progress=bar)
+        local = [(i, labels[p], True) for i, p in zip(mine, picks)]
+    else:
+        gens = seq2seq_generate(model, prompts, eos_id=ids["eos"], pad_id=ids["pad"], max_new_tokens=max_new_tokens,
+                                num_beams=config.eval.num_beams, batch_size=batch_size, progress=bar)
+        local = [(i, tok.decode(g.ids, skip_special_tokens=True).strip(), g.stopped) for i, g in zip(mine, gens)]
     if bar is not None:
         bar.close()
     return local, tpl.name
@@ -436,7 +579,21 @@ def _encoder_features(tok, ex, ttype: str, max_len: int) -> dict:
         enc = tok(f["text"], f["text_pair"], truncation="longest_first", max_length=max_len) if "text_pair" in f \
             else tok(f["text"], truncation=True, max_length=max_len)
         return {"input_ids": enc["input_ids"]}
-    if ttype == "ner":
+    if ttype == "multiple_choice":  # one row per choice, the tokens training packs (same cut)
+        import numpy as np
+
+        from megamt.data.packing import PackItem, fit_overlong
+        from megamt.data.tokenize import choice_pairs
+
+        pairs = choice_pairs(f)
+        ids = tok([a for a, _ in pairs], [b for _, b in pairs])["input_ids"]
+        item = fit_overlong(PackItem(np.asarray([t for x in ids for t in x]), 0, choice_lens=tuple(map(len, ids))),
+                            max_len, "truncate")
+        if item is None:
+            raise EvalError(f"{ex.key}: {len(ids)} choices cannot fit data.seq_len={max_len} (2 tokens each at least)")
+        bounds = np.cumsum((0,) + item.choice_lens)
+        return {"choices": [item.tokens[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]}
+    if ttype in ("ner", "tagging"):
         enc = tok(f["tokens"], is_split_into_words=True, truncation=True, max_length=max_len)
         words, first, prev = enc.word_ids(), [], None
         for pos, w in enumerate(words):
@@ -464,6 +621,8 @@ def _qa_windows(tok, ex, max_len: int, stride: int) -> list[dict]:
 
 
 def _encoder_batch(rows_ids: list[list[int]], task_id: int, pad: int, device) -> dict:
+    from megamt.attention import cu_seqlens_from_segment_ids
+
     L = max(len(x) for x in rows_ids)
     batch = {"input_ids": torch.full((len(rows_ids), L), pad, dtype=torch.long),
              "segment_ids": torch.full((len(rows_ids), L), -1, dtype=torch.long),
@@ -474,61 +633,113 @@ def _encoder_batch(rows_ids: list[list[int]], task_id: int, pad: int, device) ->
         batch["input_ids"][r, :n] = torch.tensor(x)
         batch["segment_ids"][r, :n] = 0
         batch["task_ids"][r, :n] = task_id
-    return {k: v.to(device) for k, v in batch.items()}
+    cu_seqlens, max_seqlen = cu_seqlens_from_segment_ids(batch["segment_ids"])  # one example (+ padding) per row
+    return {**{k: v.to(device) for k, v in batch.items()}, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
 
 
-def _predict_encoder(enc_model, tok, config, et: EvalTask, examples, mine, batch_size, progress):
+def _predict_encoder(routed: RoutedModel, tok, config, et: EvalTask, examples, mine, batch_size, progress):
+    """Head predictions of this rank's examples: one forward (encoder + the task's head, in
+    one routed call) per batch of rows, each row one example or one QA window; the number of
+    forwards is the same on every rank of a partitioned model (stand-in rounds)."""
+    from megamt.eval.generation import Lockstep, model_device
+
+    enc_model = routed.module
     name, ttype = et.name, et.task.task_type
-    if name not in enc_model.heads:
-        raise EvalError(f"tasks.{name}: the encoder has no head for this task (heads: {sorted(enc_model.heads)}); "
-                        f"an encoder can only be evaluated on tasks it has a trained head for")
-    if name in getattr(enc_model, "untrained_heads", []):
-        raise EvalError(f"tasks.{name}: the head of this task was not in the loaded model (it would be random)")
-    t = enc_model.task_names.index(name)
-    labels = enc_model.label_names[name]
-    device = next(enc_model.parameters()).device
+    hname = encoder_head_for(enc_model, config, et)
+    t = enc_model.task_names.index(hname)
+    labels = enc_model.label_names[hname]
+    device = model_device(enc_model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     max_answer = config.eval.max_answer_tokens
-    bar = _bar(len(mine), f"eval {name}", progress)
-    local = []
-    head = enc_model.heads[name]
-    stride = config.data.doc_stride()
+    head = enc_model.heads[hname]
+    # batches of similar length: rows are padded to the longest one (unsorted SST-2 dev: 61 % more
+    # padded tokens); the predictions are keyed by example index, so the order is free
+    from megamt.data.tokenize import example_texts
+
+    mine = sorted(mine, key=lambda i: sum(len(text) for text in example_texts(examples[i])))
+    if ttype == "extractive_qa":  # every window of every example is a row; the best span wins
+        stride = config.data.doc_stride()
+        rows = [(i, w) for i in mine for w in _qa_windows(tok, examples[i], config.data.seq_len, stride)]
+    else:
+        rows = [(i, _encoder_features(tok, examples[i], ttype, config.data.seq_len)) for i in mine]
+    batches = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+
+    def row_ids(f: dict) -> list[list[int]]:  # multiple choice: every choice its own row
+        return f["choices"] if ttype == "multiple_choice" else [f["input_ids"]]
+
+    def head_logits(ids: list[list[int]]) -> torch.Tensor:  # [rows, L, outputs]
+        return head(enc_model.encode(_encoder_batch(ids, t, pad, device)))
+
+    bar = _bar(len(rows), f"eval {name}", progress)
+    preds: dict[int, Any] = {}
+    best: dict[int, tuple[float, str]] = {}
+    lockstep = Lockstep(enc_model)
     with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            rows = mine[start:start + batch_size]
-            if ttype == "extractive_qa":  # the best span over every window of each example
-                wins = [(i, w) for i in rows for w in _qa_windows(tok, examples[i], config.data.seq_len, stride)]
-                best: dict[int, tuple[float, str]] = {}
-                for s0 in range(0, len(wins), batch_size):
-                    chunk = wins[s0:s0 + batch_size]
-                    hidden = enc_model.encode(_encoder_batch([w["input_ids"] for _, w in chunk], t, pad, device))
-                    for r, (i, w) in enumerate(chunk):
-                        score, text = _best_span(head(hidden[r]), w, examples[i].fields["context"], max_answer)
-                        if i not in best or score > best[i][0]:
-                            best[i] = (score, text)
-                local.extend((i, best[i][1] if i in best else "", True) for i in rows)
-                if bar is not None:
-                    bar.update(len(rows))
-                continue
-            feats = [_encoder_features(tok, examples[i], ttype, config.data.seq_len) for i in rows]
-            hidden = enc_model.encode(_encoder_batch([x["input_ids"] for x in feats], t, pad, device))
-            for r, (i, x) in enumerate(zip(rows, feats)):
-                ex = examples[i]
-                if ttype == "classification":
-                    local.append((i, labels[int(head(hidden[r, 0]).argmax())], True))
-                elif ttype == "ner":
-                    pred = ["O"] * len(ex.fields["tokens"])
-                    if x["first_subtokens"]:
-                        pos = torch.tensor([p for _, p in x["first_subtokens"]], device=device)
-                        tags = head(hidden[r, pos]).argmax(-1).tolist()
-                        for (w, _), k in zip(x["first_subtokens"], tags):
-                            pred[w] = labels[k]
-                    local.append((i, pred, True))
+        for b in range(lockstep.rounds(len(batches))):
+            batch = batches[b] if b < len(batches) else []
+            logits = routed.run(head_logits, [x for _, f in batch for x in row_ids(f)] or [[pad]])
+            k = 0
+            for i, f in batch:
+                if ttype == "multiple_choice":  # the best-scored choice
+                    n = len(f["choices"])
+                    preds[i] = {"choice": _argmax(logits[k:k + n, 0, 0].tolist())}
+                    k += n
+                    continue
+                row, k = logits[k], k + 1
+                if ttype == "extractive_qa":
+                    score, text = _best_span(row, f, examples[i].fields["context"], max_answer)
+                    if i not in best or score > best[i][0]:
+                        best[i] = (score, text)
+                elif ttype == "classification":
+                    preds[i] = labels[int(row[0].argmax())]
+                else:  # ner, tagging: the tag of each word's first sub-token; words cut by seq_len stay O
+                    pred = ["O"] * len(examples[i].fields["tokens"])
+                    if f["first_subtokens"]:
+                        pos = torch.tensor([p for _, p in f["first_subtokens"]], device=row.device)
+                        for (w, _), tag in zip(f["first_subtokens"], row[pos].argmax(-1).tolist()):
+                            pred[w] = labels[tag]
+                    preds[i] = pred
             if bar is not None:
-                bar.update(len(rows))
+                bar.update(len(batch))
     if bar is not None:
         bar.close()
-    return local, "encoder head"
+    if ttype == "extractive_qa":
+        preds = {i: best[i][1] if i in best else "" for i in mine}
+    return [(i, preds[i], True) for i in mine], "encoder head" if hname == name else f"encoder head of {hname}"
+
+
+def encoder_head_for(enc_model, config, et: EvalTask) -> str:
+    """The trained head that predicts task ``et``: its own, or -- for a task held out of
+    training (zero-shot, or unknown to the model) -- the trained head of the same kind whose
+    label set is the task's (a new entailment set on the NLI head; any trained span head for
+    extractive QA). Raises EvalError saying what an encoder can and cannot do otherwise."""
+    from megamt.data.formats import resolve_labels
+    from megamt.heads import HeadConfigError, resolve_head
+
+    name = et.name
+    untrained = set(getattr(enc_model, "untrained_heads", []))
+    trained = [h for h in enc_model.heads if h not in untrained
+               and not (h in config.tasks and config.tasks[h].zero_shot)]
+    if name in trained and not et.task.zero_shot:
+        return name
+    if name in untrained:
+        raise EvalError(f"tasks.{name}: the head of this task was not in the loaded model (it would be random)")
+    try:
+        kind = resolve_head(name, et.task)
+    except HeadConfigError as e:
+        raise EvalError(str(e)) from None
+    labels = None if kind == "span" else resolve_labels(name, et.task)
+    same = [h for h in trained if enc_model.head_kinds[h] == kind
+            and (kind == "span" or set(enc_model.label_names[h]) == set(labels or []))]
+    if same:
+        return same[0]
+    heads = {h: enc_model.label_names[h] or enc_model.head_kinds[h] for h in trained}
+    raise EvalError(
+        f"tasks.{name}: held out of training, and no trained {kind} head shares its label set {labels} "
+        f"(trained heads: {heads}). An encoder with task heads predicts only the label sets it was trained on: "
+        f"a held-out task can be evaluated zero-shot on a head with the same labels (a new entailment set on "
+        f"the NLI head; give the task the same `labels`). For a new label set, train a head for the task, or use "
+        f"a causal_lm (text-to-text) model, which scores any verbalised labels.")
 
 
 def _best_span(logits: torch.Tensor, feats: dict, context: str, max_answer: int) -> tuple[float, str]:
@@ -577,6 +788,16 @@ def _score(et: EvalTask, examples, gathered) -> dict:
                 p = M.parse_entities(p, f["tokens"], sorted(types) or None)
         elif ttype == "summarization":
             refs.append(f["summary"])
+        elif ttype == "multiple_choice":
+            refs.append(f["label"])
+        elif ttype == "tagging":
+            refs.append(f["tags"])
+            if isinstance(p, str):  # generated tags, one per word
+                from megamt.data.templates import parse_tagging_target
+
+                p = parse_tagging_target(p, len(f["tokens"]))
+        elif ttype == "generative_qa":
+            refs.append(list(f["answers"]))
         else:
             refs.append(f["response"])
         preds.append(p)
@@ -605,19 +826,11 @@ def _entity_types(et: EvalTask) -> list[str]:
 
 
 def _gather(local: list, world: int) -> list:
-    if world == 1:
-        return local
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, local)
-    return [x for part in parts for x in part]
+    return [x for part in comm.all_gather_objects(local) for x in part]
 
 
 def _broadcast(results: dict, world: int) -> dict:
-    if world == 1:
-        return results
-    box = [results]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return comm.broadcast_object(results)
 
 
 def _attach_supervised(results: dict, supervised) -> None:

@@ -1,4 +1,5 @@
-"""Causal-LM inference for evaluation: batched greedy generation and rank classification.
+"""Inference for evaluation: batched greedy generation and rank classification (causal LMs;
+encoder-decoders through their own ``generate``, greedy or beam, and decoder scores).
 
 - :func:`greedy_generate`: left-padded batches, a KV cache, argmax decoding until EOS or
   ``max_new_tokens``. A row that never writes EOS is cut at ``max_new_tokens`` and
@@ -8,9 +9,15 @@
   scored by its log-likelihood given the prompt, ``sum_t log p(choice_t | prompt, choice_<t)``
   over the choice tokens (EOS included, as in training targets); the best one wins.
 
-Both take token ids (``prompt_ids`` = [BOS] + prompt, as the shards hold them) and a plain
-(non-partitioned) Hugging Face causal LM, and return results in input order. Prompts are
-sorted by length inside so that batches waste little padding.
+Both take token ids (``prompt_ids`` = [BOS] + prompt, as the shards hold them) and a Hugging
+Face causal LM -- plain, or partitioned by ZeRO-3 -- and return results in input order.
+Prompts are sorted by length inside so that batches waste little padding.
+
+A ZeRO-3 partitioned model gathers each module's parameters from every rank when it runs (a
+collective), so the ranks of an evaluation must run the same number of forwards even when
+they hold different numbers of examples (:class:`Lockstep`): a rank out of batches runs
+stand-in forwards on one padding token, and generation keeps every rank decoding until all
+ranks are done -- transformers' ``synced_gpus=True``, one all-reduce of a flag per step.
 """
 
 from __future__ import annotations
@@ -20,12 +27,50 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from megamt import comm
+
 
 class Generation(NamedTuple):
     ids: list[int]
     """Generated token ids, without the EOS."""
     stopped: bool
     """True when the model wrote EOS within ``max_new_tokens``; False when it was cut."""
+
+
+def zero3_partitioned(model) -> bool:
+    """True when ``model``'s parameters are ZeRO-3 partitions (``deepspeed.zero.Init`` / engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def model_device(model) -> torch.device:
+    """Where the inputs of ``model`` go: its parameters' device, or for ZeRO-3 partitions
+    (whose placeholders may sit on the CPU under parameter offload) the rank's accelerator."""
+    p = next(model.parameters())
+    if hasattr(p, "ds_id"):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return p.device
+
+
+class Lockstep:
+    """Keeps the ranks evaluating one ZeRO-3 partitioned model in step (module docstring).
+    Inactive (no collectives) for a plain model or a single rank."""
+
+    def __init__(self, model):
+        self.active = comm.world_size() > 1 and zero3_partitioned(model)
+
+    def rounds(self, n: int) -> int:
+        """The number of forward rounds every rank runs: the largest ``n`` of all ranks."""
+        return int(comm.reduce_values([n], "max")[0]) if self.active else n
+
+    def all_done(self, done: bool) -> bool:
+        """True when every rank is done (each rank must call it the same number of times)."""
+        return comm.reduce_values([0.0 if done else 1.0], "max")[0] == 0.0 if self.active else done
+
+
+def until_eos(tokens: list[int], eos_id: int) -> Generation:
+    """The tokens before the first EOS; ``stopped`` False when there is none (cut)."""
+    stopped = eos_id in tokens
+    return Generation(tokens[:tokens.index(eos_id)] if stopped else tokens, stopped)
 
 
 def _cache_argument(model) -> str:
@@ -58,11 +103,14 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache_kw = _cache_argument(model)
+    lockstep = Lockstep(model)
     out: list[Generation | None] = [None] * len(prompts)
-    for rows in _by_length(prompts, batch_size):
-        seqs = [list(prompts[i]) for i in rows]
+    batches = _by_length(prompts, batch_size)
+    for b in range(lockstep.rounds(len(batches))):
+        rows = batches[b] if b < len(batches) else []  # [] = a stand-in round (lockstep)
+        seqs = [list(prompts[i]) for i in rows] or [[pad_id]]
         if max_length is not None:
             keep = max(1, max_length - max_new_tokens)
             seqs = [s[-keep:] for s in seqs]
@@ -76,7 +124,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad
             mask[r, width - len(s):] = 1
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
-        done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        done = torch.full((len(seqs),), not rows, dtype=torch.bool, device=device)
         res = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
         cache, logits = _cache_of(res), res.logits[:, -1]
         next_pos = position[:, -1] + 1
@@ -85,7 +133,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad
             token = torch.where(done, torch.full_like(token, pad_id), token)
             generated = torch.cat([generated, token[:, None]], dim=1)
             done |= token == eos_id
-            if bool(done.all()):
+            if lockstep.all_done(bool(done.all())):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             res = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -93,9 +141,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad
             cache, logits = _cache_of(res), res.logits[:, -1]
             next_pos = next_pos + 1
         for r, i in enumerate(rows):
-            toks = generated[r].tolist()
-            stopped = eos_id in toks
-            out[i] = Generation(toks[:toks.index(eos_id)] if stopped else toks, stopped)
+            out[i] = until_eos(generated[r].tolist(), eos_id)
         if progress is not None:
             progress.update(len(rows))
     return out  # type: ignore[return-value]
@@ -106,7 +152,8 @@ def choice_log_likelihoods(model, prompts: Sequence[Sequence[int]], choices: Seq
                            *, pad_id: int, batch_size: int = 8, max_length: int | None = None,
                            progress=None) -> list[list[float]]:
     """``[example][choice]`` summed log-probability of the choice's tokens after the prompt."""
-    device = next(model.parameters()).device
+    device = model_device(model)
+    lockstep = Lockstep(model)
     pairs = [(i, c) for i, cs in enumerate(choices) for c in range(len(cs))]
     seqs, starts = [], []
     for i, c in pairs:
@@ -118,7 +165,14 @@ def choice_log_likelihoods(model, prompts: Sequence[Sequence[int]], choices: Seq
         seqs.append(p + ch)
         starts.append(len(p))
     scores = [[0.0] * len(cs) for cs in choices]
-    for rows in _by_length(seqs, batch_size):
+    left = [len(cs) for cs in choices]  # choices still to score per example: the bar counts examples
+    batches = _by_length(seqs, batch_size)
+    for b in range(lockstep.rounds(len(batches))):
+        if b >= len(batches):  # a stand-in round (lockstep): one padding token
+            one = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+            model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False)
+            continue
+        rows = batches[b]
         width = max(len(seqs[k]) for k in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
@@ -131,13 +185,99 @@ def choice_log_likelihoods(model, prompts: Sequence[Sequence[int]], choices: Seq
             target = ids[r, s:n]
             i, c = pairs[k]
             scores[i][c] = float(logp[r, s - 1:n - 1].gather(-1, target[:, None]).sum())
-        if progress is not None:
-            progress.update(len(rows))
+        finished = 0
+        for k in rows:
+            left[pairs[k][0]] -= 1
+            finished += left[pairs[k][0]] == 0
+        if progress is not None and finished:
+            progress.update(finished)  # examples whose every choice is scored (total = examples)
     return scores
 
 
 def rank_classify(model, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[Sequence[int]]],
                   **kwargs) -> list[int]:
     """Index of the most likely choice for each example (first one on ties)."""
-    scores = choice_log_likelihoods(model, prompts, choices, **kwargs)
+    return best_choices(choice_log_likelihoods(model, prompts, choices, **kwargs))
+
+
+def best_choices(scores: list[list[float]]) -> list[int]:
+    """Index of the highest score of each example (first one on ties)."""
     return [max(range(len(s)), key=lambda j: (s[j], -j)) for s in scores]
+
+
+# --------------------------------------------------------------------------- encoder-decoders
+
+
+def _require_encoder_decoder(model) -> None:
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} ({getattr(cfg, 'model_type', '?')}): encoder-decoder generation "
+                         "needs a model whose config.json says is_encoder_decoder: true; an encoder-only model "
+                         "cannot generate (evaluate it through its task heads), a causal LM uses greedy_generate")
+
+
+def _padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[n, width]`` ids and their attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(list(s), device=device)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def seq2seq_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+                     num_beams: int = 1, batch_size: int = 8, progress=None) -> list[Generation]:
+    """Generation of an encoder-decoder (its own ``generate``: greedy, or beam search with
+    ``num_beams`` > 1) for encoder inputs given as token ids, batched over right-padded
+    batches (with their attention mask), at most ``max_new_tokens`` tokens; a row without
+    EOS within the bound is reported cut (``Generation.stopped`` False)."""
+    _require_encoder_decoder(model)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    out: list[Generation | None] = [None] * len(prompts)
+    for rows in _by_length(prompts, batch_size):
+        ids, mask = _padded([prompts[i] for i in rows], pad_id, device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, early_stopping=True,
+                             decoder_start_token_id=model.config.decoder_start_token_id, use_cache=True)
+        for r, i in enumerate(rows):
+            out[i] = until_eos(gen[r, 1:].tolist(), eos_id)  # after the decoder start token
+        if progress is not None:
+            progress.update(len(rows))
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def seq2seq_choice_log_likelihoods(model, prompts: Sequence[Sequence[int]],
+                                   choices: Sequence[Sequence[Sequence[int]]], *, pad_id: int, batch_size: int = 8,
+                                   progress=None) -> list[list[float]]:
+    """``[example][choice]`` summed log-probability of the choice's tokens as the decoder's
+    target given the prompt as the encoder's input (rank classification by decoder scores)."""
+    _require_encoder_decoder(model)
+    device = next(model.parameters()).device
+    pairs = [(i, c) for i, cs in enumerate(choices) for c in range(len(cs))]
+    for i, c in pairs:
+        if not choices[i][c]:
+            raise ValueError(f"rank classification: choice {c} of example {i} has no tokens")
+    scores = [[0.0] * len(cs) for cs in choices]
+    for rows in _by_length([prompts[i] for i, _ in pairs], batch_size):
+        ids, mask = _padded([prompts[pairs[k][0]] for k in rows], pad_id, device)
+        labels, _ = _padded([choices[i][c] for i, c in (pairs[k] for k in rows)], -100, device)
+        logits = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).logits.float()
+        logp = F.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        total = (logp * (labels != -100)).sum(-1)
+        for r, k in enumerate(rows):
+            i, c = pairs[k]
+            scores[i][c] = float(total[r])
+        if progress is not None:
+            progress.update(len(rows))
+    return scores
+
+
+def seq2seq_rank_classify(model, prompts, choices, **kwargs) -> list[int]:
+    """Index of the most likely choice (decoder scores) for each example (first one on ties)."""
+    return best_choices(seq2seq_choice_log_likelihoods(model, prompts, choices, **kwargs))

@@ -10,7 +10,14 @@ Every metric returns a number on the 0-100 scale (as the GLUE/SQuAD papers repor
 - NER: ``entity_f1`` / ``entity_precision`` / ``entity_recall`` from ``seqeval``
   (entity level, IOB2 tags, conlleval rules);
 - summarization: ``rouge1`` / ``rouge2`` / ``rougeL`` F-measure from ``rouge-score`` (Porter
-  stemming on, maximum over references).
+  stemming on, maximum over references);
+- multiple choice: ``accuracy`` (causal LMs: the choice with the highest summed
+  log-likelihood; encoders: the head's best choice) and, for causal LMs, ``accuracy_norm``
+  (the highest log-likelihood per choice token, which does not favour short choices);
+- tagging: ``token_accuracy`` (every word's tag); for IOB tags (chunking) also
+  ``chunk_f1`` / ``chunk_precision`` / ``chunk_recall`` from ``seqeval``, the primary metric;
+- generative QA: SQuAD-normalised ``f1`` / ``exact_match`` and ``rougeL`` (maximum over the
+  gold answers).
 
 It also holds the tagged-span text format that causal LMs produce for NER
 (``"PER: John Smith; LOC: Paris"``) and its parser back to IOB2 tags over the words.
@@ -31,6 +38,10 @@ METRICS_BY_TYPE: dict[str, tuple[str, ...]] = {
     "ner": ("entity_f1", "entity_precision", "entity_recall"),
     "summarization": ("rougeL", "rouge1", "rouge2"),
     "instruction": ("rougeL", "rouge1", "rouge2"),
+    "multiple_choice": ("accuracy", "accuracy_norm"),
+    # chunk F1 first: the primary metric of IOB (chunk) tags; plain tags (POS) have token accuracy only
+    "tagging": ("chunk_f1", "token_accuracy", "chunk_precision", "chunk_recall"),
+    "generative_qa": ("f1", "exact_match", "rougeL"),
 }
 
 
@@ -38,8 +49,13 @@ class MetricError(ValueError):
     """A metric that cannot be computed on the given inputs; the message says why."""
 
 
-def primary_metric(task_type: str) -> str:
-    return METRICS_BY_TYPE[task_type][0]
+def primary_metric(task_type: str, metrics: dict | None = None) -> str:
+    """The first metric of the type's list (among ``metrics`` when given: a tagging task with
+    plain tags has token_accuracy, not chunk_f1)."""
+    names = METRICS_BY_TYPE[task_type]
+    if metrics:
+        return next((m for m in names if m in metrics), names[0])
+    return names[0]
 
 
 def check_metrics(task: str, task_type: str, metrics: Sequence[str]) -> list[str]:
@@ -194,6 +210,49 @@ def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- new task types
+
+
+def multiple_choice_metrics(gold: Sequence[int], pred: Sequence) -> dict[str, float]:
+    """Accuracy (0-100). ``pred``: per example ``{"choice": i[, "choice_norm": j]}`` (or an
+    int); ``accuracy_norm`` when every prediction has the length-normalised pick."""
+    _same_length(gold, pred)
+    picks = [p if isinstance(p, dict) else {"choice": p} for p in pred]
+    out = {"accuracy": 100.0 * sum(int(p["choice"]) == int(g) for g, p in zip(gold, picks)) / len(gold)}
+    if all("choice_norm" in p for p in picks):
+        out["accuracy_norm"] = 100.0 * sum(int(p["choice_norm"]) == int(g) for g, p in zip(gold, picks)) / len(gold)
+    return out
+
+
+def tagging_metrics(gold_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Per-token accuracy (0-100) over every word; when the gold tags are IOB (chunks), also
+    seqeval's chunk-level F1 / precision / recall (predicted tags that are not O/B-X/I-X
+    count as O there)."""
+    from megamt.data.formats import looks_iob
+
+    _same_length(gold_tags, pred_tags)
+    for i, (g, p) in enumerate(zip(gold_tags, pred_tags)):
+        if len(g) != len(p):
+            raise MetricError(f"tagging example {i}: {len(g)} gold tags but {len(p)} predicted tags")
+    n = sum(len(g) for g in gold_tags)
+    if n == 0:
+        raise MetricError("tagging: no words to score")
+    out = {"token_accuracy": 100.0 * sum(a == b for g, p in zip(gold_tags, pred_tags) for a, b in zip(g, p)) / n}
+    if looks_iob(t for g in gold_tags for t in g):
+        clean = [[t if looks_iob([t]) else "O" for t in p] for p in pred_tags]
+        chunks = ner_metrics(gold_tags, clean)
+        out.update(chunk_f1=chunks["entity_f1"], chunk_precision=chunks["entity_precision"],
+                   chunk_recall=chunks["entity_recall"])
+    return out
+
+
+def generative_qa_metrics(gold_answers: Sequence[Sequence[str]], pred: Sequence[str]) -> dict[str, float]:
+    """SQuAD-normalised F1 / exact match and ROUGE-L, each the maximum over the gold answers."""
+    out = squad_metrics(gold_answers, pred)
+    out["rougeL"] = rouge_metrics([list(g) for g in gold_answers], pred)["rougeL"]
+    return out
+
+
 # --------------------------------------------------------------------------- ROUGE
 
 
@@ -222,7 +281,9 @@ def compute_metrics(task_type: str, references: Sequence, predictions: Sequence,
 
     references/predictions by type: classification ``str`` labels; extractive_qa
     ``list[str]`` gold answers / ``str`` prediction; ner IOB2 tag lists; summarization and
-    instruction ``str`` (or a list of reference strings) / ``str``.
+    instruction ``str`` (or a list of reference strings) / ``str``; multiple_choice gold
+    choice index / ``{"choice", "choice_norm"}``; tagging tag lists; generative_qa
+    ``list[str]`` answers / ``str``.
     """
     problems = check_metrics("<task>", task_type, metrics or [])
     if problems:
@@ -235,10 +296,18 @@ def compute_metrics(task_type: str, references: Sequence, predictions: Sequence,
         "ner": ner_metrics,
         "summarization": rouge_metrics,
         "instruction": rouge_metrics,
+        "multiple_choice": multiple_choice_metrics,
+        "tagging": tagging_metrics,
+        "generative_qa": generative_qa_metrics,
     }[task_type]
     out = fn(references, predictions)
-    keep = list(metrics) if metrics else list(METRICS_BY_TYPE[task_type])
-    return {m: out[m] for m in keep}
+    if metrics:
+        missing = [m for m in metrics if m not in out]
+        if missing:
+            raise MetricError(f"{missing} cannot be computed here (available: {sorted(out)}): e.g. chunk_f1 needs "
+                              f"IOB tags, accuracy_norm a causal LM")
+        return {m: out[m] for m in metrics}
+    return {m: out[m] for m in METRICS_BY_TYPE[task_type] if m in out}
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:

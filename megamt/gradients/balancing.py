@@ -37,29 +37,20 @@ BALANCERS = ("equal", "static", "uncertainty", "dwa", "gradnorm", "famo")
 
 
 def world_sum_(t: Tensor) -> Tensor:
-    """Sum a small tensor over the ranks in place (no-op without torch.distributed). NCCL
-    reduces CUDA tensors only: there a CPU tensor makes the trip through the current CUDA
-    device (gloo, on CPU ranks, takes it as it is)."""
-    import torch.distributed as dist
+    """Sum a small tensor over the ranks in place (no-op without torch.distributed); the
+    all-reduce runs on the backend's device (megamt.comm)."""
+    from megamt import comm
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if t.device.type == "cpu" and dist.get_backend() == "nccl":
-            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(buf)
-            t.copy_(buf)
-        else:
-            dist.all_reduce(t)
+    if comm.world_size() > 1:
+        t.copy_(comm.all_reduce(comm.on_device(t)))
     return t
 
 
 def _world_mean_(t: Tensor) -> Tensor:
     """Average a small tensor over the ranks in place (no-op without torch.distributed)."""
-    import torch.distributed as dist
+    from megamt import comm
 
-    world_sum_(t)
-    if dist.is_available() and dist.is_initialized():
-        t /= dist.get_world_size()
-    return t
+    return world_sum_(t).div_(comm.world_size())
 
 
 class LossBalancer:

@@ -46,6 +46,31 @@ def interference_scalars(task_names: Sequence[str], gram: Tensor, present: Optio
     return out
 
 
+def draw_matrix(fig, ax, names: Sequence[str], m: np.ndarray, vmin: float, vmax: float, fmt: str = ".2f") -> None:
+    """One task x task matrix on ``ax``: diverging colours, task names on both axes, the values
+    written in the cells for up to 12 tasks (NaN cells blank), a colour bar."""
+    names = list(names)
+    im = ax.imshow(m, cmap="RdBu", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    if len(names) <= 12:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+
+
+def figure_chw(fig) -> np.ndarray:
+    """A matplotlib figure as ``uint8 [3, H, W]`` (what TensorBoard's ``add_image`` takes); closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()
+    plt.close(fig)
+    return img
+
+
 def cosine_heatmap(task_names: Sequence[str], cos: Tensor, present: Optional[Tensor] = None) -> np.ndarray:
     """The cosine matrix as an RGB image, ``uint8 [3, H, W]`` (CHW, what ``add_image`` takes)."""
     import matplotlib
@@ -61,21 +86,10 @@ def cosine_heatmap(task_names: Sequence[str], cos: Tensor, present: Optional[Ten
         c[:, mask] = np.nan
     size = 1.2 + 0.45 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.0, size), dpi=80)
-    im = ax.imshow(c, cmap="RdBu", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    if len(names) <= 12:
-        for i in range(len(names)):
-            for j in range(len(names)):
-                if np.isfinite(c[i, j]):
-                    ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    draw_matrix(fig, ax, names, c, -1, 1)
     ax.set_title("task gradient cosine")
     fig.tight_layout()
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()
-    plt.close(fig)
-    return img
+    return figure_chw(fig)
 
 
 def log_task_gradients(writer, step: int, task_names: Sequence[str], gram: Tensor,

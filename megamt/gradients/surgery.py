@@ -53,8 +53,26 @@ gradient is ``sum_j c_j g_j = (1/GAS) sum_j c_j grad L_j``. With ``method=sum``
 (``c = 1``) that is exactly what DeepSpeed accumulates, the sum of per-task gradients
 in DeepSpeed's units; under ZeRO-3 nothing is written back then (measure-only).
 
-Memory: ``T * n_local`` fp32 (``n_local = params / world_size``), e.g. 4 tasks on a
-7B model over 8 ranks = 4 * 0.875e9 * 4 B = 14 GB per rank. It is allocated once.
+Memory: ``T_train * n_local`` fp32 (``n_local = params / world_size``; ``T_train`` = the
+training tasks, zero-shot tasks never have a backward), e.g. 4 tasks on a 7B model over 8
+ranks = 4 * 0.875e9 * 4 B = 14 GB per rank. With a gradient method every step measures, so
+the buffer is kept from step to step (freeing it would not lower the peak, which recurs at
+every step, and would only churn the allocator). Monitoring-only steps (``method="none"``,
+every ``monitor_every`` steps) free it after ``finish()``; or, with
+``gradients.monitor_sketch_dim = k``, need no buffer at all:
+
+Sketch (monitoring only). A CountSketch (a sparse Johnson-Lindenstrauss transform) maps each
+coordinate ``i`` of a task's partition to one of ``k`` buckets ``h(i)`` with a random sign
+``s(i)``: ``(S g)_b = sum_{h(i)=b} s(i) g_i``, so ``<S a, S b>`` estimates ``<a, b>``
+without bias, with variance ``(|a|^2 |b|^2 + <a,b>^2 - 2 sum_i a_i^2 b_i^2) / k`` — at most
+``(G_aa G_bb + G_ab^2) / k``. Each rank hashes its own partition (hash seeded by step and
+rank, regenerated chunk by chunk, never stored), sums the ±entries per bucket in float64
+(``[T_train, k]`` per rank), and ONE all-reduce of the ``T x k`` sketches gives the sketch of
+the whole gradient; ``G_hat = S S^T``. Under ZeRO-3 the snapshots are running sums: by
+linearity the sketch of task t is the difference of the sketches of consecutive running
+sums (float64, so the difference is exact to ~1e-16 of the sum). Under ZeRO-1/2 the
+partitions are zeroed after each task, so one fp32 row accumulates their sum for the
+write-back (the step's gradient) instead of ``T`` rows.
 """
 
 from __future__ import annotations
@@ -70,6 +88,31 @@ from megamt.gradients.methods import GradientMethod, build_method, cosine_matrix
 
 COMBINE_CHUNK = 1 << 24
 """Columns per chunk of the in-place combine into row 0 (bounds the temporary)."""
+
+SKETCH_CHUNK = 1 << 22
+"""Elements per chunk of the CountSketch (its int32 hash, fp32 signed and float64 copies: 64 MiB)."""
+
+
+def countsketch(parts: Sequence[Tensor], k: int, seed: int) -> Tensor:
+    """The CountSketch ``S x`` (float64 ``[k]``) of the concatenation of ``parts``.
+
+    Coordinate ``i`` goes to bucket ``h(i)`` with sign ``s(i)``, both drawn from one
+    ``randint(0, 2k)`` per coordinate, chunk by chunk from generators seeded by ``(seed,
+    part, chunk)``: the same ``seed`` and layout give the same hash, nothing ``n``-sized is
+    kept. ``<S a, S b>`` is an unbiased estimate of ``<a, b>`` (see the module docstring).
+    """
+    device = parts[0].device if parts else torch.device("cpu")
+    out = torch.zeros(k, dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device)
+    for p_idx, part in enumerate(parts):
+        flat = part.reshape(-1)
+        for c_idx, start in enumerate(range(0, flat.numel(), SKETCH_CHUNK)):
+            chunk = flat[start:start + SKETCH_CHUNK]
+            gen.manual_seed(((seed * 1_000_003 + p_idx) * 65_537 + c_idx) % (1 << 63))
+            r = torch.randint(0, 2 * k, (chunk.numel(),), generator=gen, device=device, dtype=torch.int32)
+            signed = (r & 1).to(torch.float32).mul_(-2).add_(1).mul_(chunk)  # s(i) = ±1 from the low bit (exact)
+            out.index_add_(0, r >> 1, signed.double())  # h(i) = r // 2, summed in float64
+    return out
 
 
 @dataclass
@@ -105,10 +148,18 @@ class GradientSurgery:
     """
 
     def __init__(self, engine, gcfg, task_names: Sequence[str], *, method: Optional[str] = None,
-                 scale_wrt_gas: bool = True, backend: Optional[str] = None, flat_fast_path: bool = True):
+                 scale_wrt_gas: bool = True, backend: Optional[str] = None, flat_fast_path: bool = True,
+                 train_tasks: Optional[Sequence[str]] = None):
         self.engine = engine
         self.task_names = list(task_names)
         self.num_tasks = len(self.task_names)
+        # rows per window: the tasks that can have a backward (zero-shot tasks never do)
+        train_tasks = self.task_names if train_tasks is None else list(train_tasks)
+        unknown = [t for t in train_tasks if t not in self.task_names]
+        if unknown or not train_tasks:
+            raise ValueError(f"gradient surgery: train_tasks {unknown or train_tasks} must be a non-empty subset of "
+                             f"the tasks {self.task_names}")
+        self.max_rows = len(train_tasks)
         self.method_name = gcfg.method if method is None else method
         self.method: Optional[GradientMethod] = None
         if self.method_name not in ("none",):
@@ -117,6 +168,12 @@ class GradientSurgery:
         self.scale_wrt_gas = scale_wrt_gas
         self.backend = backend or getattr(gcfg, "grad_backend", "auto")
         self.flat_fast_path = flat_fast_path
+        # a gradient method measures at every step: its buffer is kept (see the module docstring)
+        self.keep_buffer = self.method is not None
+        # monitoring only: a k-dimensional CountSketch per task instead of the [T, n_local] buffer
+        self.sketch_dim = int(getattr(gcfg, "monitor_sketch_dim", 0) or 0) if self.method is None else 0
+        self.seed = int(getattr(gcfg, "seed", 0))
+        self.windows = 0  # measuring windows begun (varies the sketch's hash from step to step)
 
         self.stage = int(engine.zero_optimization_stage())
         if self.stage not in (1, 2, 3):
@@ -144,12 +201,21 @@ class GradientSurgery:
             raise RuntimeError(f"gradient surgery: ZeRO-{self.stage} parameters have no optimizer fragment mapping "
                                "(_hp_mapping); build it after deepspeed.initialize")
         self.group = getattr(engine.optimizer, "dp_process_group", None)
-        self.buffer: Optional[Tensor] = None  # [T, n_local] fp32
+        self.buffer: Optional[Tensor] = None  # [train tasks, n_local] fp32
+        self.sketch: Optional[Tensor] = None  # [train tasks, k] float64 (sketch mode)
+        self._prev_sketch: Optional[Tensor] = None  # ZeRO-3 sketch mode: sketch of the last running sum
+        self._sum_row: Optional[Tensor] = None  # ZeRO-1/2 sketch mode: fp32 [n_local], the tasks' sum
         self.sizes: list[int] = []
         self.offsets: list[tuple[int, int]] = []
         self.flat: Optional[Tensor] = None  # ZeRO-3: the optimizer's own flat gradient partition, when contiguous
         self.rows: list[int] = []  # task index of each filled row, in backward order
         self.snapshot_s = 0.0
+        self.partitions_hook = None
+        """Called by ``finish()`` as ``hook(partitions [k, n_local] fp32, task indices of the rows,
+        scale)`` once the rows are per-task partitions, before any combination overwrites them
+        (the gradient of task ``rows[r]``'s loss is ``partitions[r] * scale``); it must not
+        write into them. Used by megamt.gradients.affinity (the TAG lookahead). Collective if
+        the hook is."""
 
     # ------------------------------------------------------------------ window
 
@@ -157,6 +223,8 @@ class GradientSurgery:
         """Start an accumulation window (call before the first task's backward)."""
         self.rows = []
         self.snapshot_s = 0.0
+        self.windows += 1
+        self.sketch = self._prev_sketch = self._sum_row = None
 
     def before_backward(self) -> None:
         """Call before each task's ``engine.backward`` (after setting the trainer's own
@@ -171,9 +239,18 @@ class GradientSurgery:
         if task_index in self.rows:
             raise RuntimeError(f"after_backward: task {self.task_names[task_index]!r} already had a backward in "
                                "this window; one micro-batch per task per optimizer step (call begin_step())")
+        if len(self.rows) >= self.max_rows:
+            raise RuntimeError(f"after_backward: more backwards in this window than the {self.max_rows} training "
+                               "tasks the surgery was built for (train_tasks)")
         _sync()
         t0 = time.perf_counter()
         parts = self._local_parts()
+        if self.sketch_dim:
+            self._sketch_after_backward(parts)
+            self.rows.append(task_index)
+            _sync()
+            self.snapshot_s += time.perf_counter() - t0
+            return
         if self.buffer is None:
             self._allocate(parts)
         else:
@@ -198,7 +275,9 @@ class GradientSurgery:
         """Gram, all-reduce, coefficients, combine and write-back; call before ``engine.step()``."""
         if not self.rows:
             raise RuntimeError("finish(): no after_backward() in this window")
-        import deepspeed.comm as dist
+        if self.sketch_dim:
+            return self._finish_sketch()
+        from megamt import comm
 
         k = len(self.rows)
         buf = self.buffer[:k]
@@ -208,13 +287,18 @@ class GradientSurgery:
         if not self.reduce_each_backward:
             for r in range(k - 1, 0, -1):  # ZeRO-3 running sums -> per-task partitions
                 buf[r].sub_(buf[r - 1])
+        if self.partitions_hook is not None:  # its time is not the Gram's
+            h0 = time.perf_counter()
+            self.partitions_hook(buf, list(self.rows), float(self.engine.gradient_accumulation_steps()
+                                                             if self.scale_wrt_gas else 1))
+            timings["partitions_hook"] = time.perf_counter() - h0
+            t0 += timings["partitions_hook"]
         from megamt.kernels.task_gram import task_gram
 
         local = task_gram(buf, backend=self.backend).double()
         _sync()
         t1 = time.perf_counter()
-        if dist.is_initialized() and dist.get_world_size(group=self.group) > 1:
-            dist.all_reduce(local, group=self.group)
+        comm.all_reduce(comm.on_device(local, self.group), group=self.group)
         _sync()
         t2 = time.perf_counter()
         gas = self.engine.gradient_accumulation_steps() if self.scale_wrt_gas else 1
@@ -231,7 +315,67 @@ class GradientSurgery:
         _sync()
         t4 = time.perf_counter()
         timings.update(gram=t1 - t0, allreduce=t2 - t1, method=t3 - t2, combine=t4 - t3)
-        return self._stats(G_sub, coeffs_sub, changed, timings)
+        stats = self._stats(G_sub, coeffs_sub, changed, timings, self.buffer.numel() * self.buffer.element_size())
+        if not self.keep_buffer:  # monitoring only: the next measuring step is monitor_every steps away
+            self.buffer = None
+        return stats
+
+    # ------------------------------------------------------------------ sketch (monitoring only)
+
+    def _sketch_after_backward(self, parts: list[Tensor]) -> None:
+        from megamt import comm
+
+        device = parts[0].device if parts else torch.device("cpu")
+        if self.sketch is None:  # the window's first task
+            self._set_layout(parts)
+            self.sketch = torch.zeros((self.max_rows, self.sketch_dim), dtype=torch.float64, device=device)
+        else:
+            self._check_layout(parts)
+
+        # one hash per window and rank: every task of the window is projected alike
+        seed = (self.seed * 1_000_003 + self.windows) * 4_099 + comm.rank(self.group)
+        s = countsketch(parts, self.sketch_dim, seed)
+        row = self.sketch[len(self.rows)]
+        if self.reduce_each_backward:  # ZeRO-1/2: this task's partition alone; keep the sum for the step
+            row.copy_(s)
+            if self._sum_row is None:
+                self._sum_row = torch.zeros(sum(self.sizes), dtype=torch.float32, device=device)
+            a = 0
+            for part in parts:
+                self._sum_row[a:a + part.numel()].add_(part.reshape(-1))
+                a += part.numel()
+            self._zero12(parts)
+            self.engine.set_gradient_accumulation_boundary(False)
+        else:  # ZeRO-3: a running sum; the sketch is linear, so difference the sketches
+            row.copy_(s if self._prev_sketch is None else s - self._prev_sketch)
+            self._prev_sketch = s
+
+    def _finish_sketch(self) -> SurgeryStats:
+        from megamt import comm
+
+        k = len(self.rows)
+        timings = {"snapshot": self.snapshot_s}
+        _sync()
+        t0 = time.perf_counter()
+        # the sum of the ranks' sketches is the sketch of the whole gradient: T x k numbers
+        sk = comm.all_reduce(comm.on_device(self.sketch[:k], self.group), group=self.group)
+        _sync()
+        t1 = time.perf_counter()
+        gas = self.engine.gradient_accumulation_steps() if self.scale_wrt_gas else 1
+        G_sub = (sk @ sk.T).cpu() * float(gas) ** 2  # G_hat = S S^T, in task-loss units
+        coeffs_sub = torch.ones(k, dtype=torch.float64)
+        t2 = time.perf_counter()
+        if self.reduce_each_backward:  # the partitions were zeroed: write the step's gradient back
+            self._write12(self._sum_row)
+            self.engine.set_gradient_accumulation_boundary(True)
+        _sync()
+        t3 = time.perf_counter()
+        timings.update(gram=t2 - t1, allreduce=t1 - t0, method=0.0, combine=t3 - t2)
+        held = self.sketch.numel() * self.sketch.element_size() + (
+            self._sum_row.numel() * self._sum_row.element_size() if self._sum_row is not None else 0)
+        stats = self._stats(G_sub, coeffs_sub, False, timings, held)
+        self.sketch = self._prev_sketch = self._sum_row = None
+        return stats
 
     # ------------------------------------------------------------------ internals
 
@@ -273,15 +417,17 @@ class GradientSurgery:
                 if buf is not None:
                     buf.zero_()
 
-    def _allocate(self, parts: list[Tensor]) -> None:
+    def _set_layout(self, parts: list[Tensor]) -> None:
         self.sizes = [p.numel() for p in parts]
-        n_local = sum(self.sizes)
-        device = parts[0].device if parts else torch.device("cpu")
-        self.buffer = torch.empty((self.num_tasks, n_local), dtype=torch.float32, device=device)
         self.offsets, a = [], 0
         for s in self.sizes:
             self.offsets.append((a, a + s))
             a += s
+
+    def _allocate(self, parts: list[Tensor]) -> None:
+        self._set_layout(parts)
+        device = parts[0].device if parts else torch.device("cpu")
+        self.buffer = torch.empty((self.max_rows, sum(self.sizes)), dtype=torch.float32, device=device)
         if self.stage == 3 and self.flat_fast_path and not self.offload:
             self.flat = self._contiguous_flat(parts)
 
@@ -345,7 +491,8 @@ class GradientSurgery:
                 old = norms.get(pid)
                 norms[pid] = frag.detach().to(old.dtype if torch.is_tensor(old) else torch.float32).norm(2)
 
-    def _stats(self, G_sub: Tensor, coeffs_sub: Tensor, applied: bool, timings: dict) -> SurgeryStats:
+    def _stats(self, G_sub: Tensor, coeffs_sub: Tensor, applied: bool, timings: dict,
+               buffer_bytes: int) -> SurgeryStats:
         T = self.num_tasks
         idx = torch.tensor(self.rows)
         gram = torch.zeros((T, T), dtype=torch.float64)
@@ -360,14 +507,16 @@ class GradientSurgery:
         return SurgeryStats(tasks=self.task_names, present=present, gram=gram, cosine=cos,
                             norms=gram.diagonal().clamp_min(0).sqrt(), coeffs=coeffs, conflicts=conflicts,
                             method=self.method_name, applied=applied, timings=timings,
-                            buffer_bytes=self.buffer.numel() * self.buffer.element_size())
+                            buffer_bytes=buffer_bytes)
 
     def state_dict(self) -> dict:
-        return {"method": self.method.state_dict() if self.method is not None else {}}
+        # windows: the sketch's hash of the next monitoring step (exact resume of its estimate)
+        return {"method": self.method.state_dict() if self.method is not None else {}, "windows": self.windows}
 
     def load_state_dict(self, state: dict) -> None:
         if self.method is not None:
             self.method.load_state_dict(state.get("method", {}))
+        self.windows = int(state.get("windows", 0))
 
 
 def _sync() -> None:

@@ -55,7 +55,8 @@ def task_batch(task, rank, step):
     return x, x @ A_t
 
 
-def ds_config(offload, persistent=False, stage=3, bf16=False, clip=0.0, contiguous=True, overlap=True):
+def ds_config(offload, persistent=False, stage=3, bf16=False, clip=0.0, contiguous=True, overlap=True,
+              accum_dtype=None):
     # threshold 0: every parameter is partitioned; the default (1e5) keeps these tiny ones
     # whole on every rank ("persistent"), while their gradients are still partitioned.
     # A 64-element bucket: several reductions per backward, parameters split across ranks.
@@ -69,11 +70,13 @@ def ds_config(offload, persistent=False, stage=3, bf16=False, clip=0.0, contiguo
            "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
     if bf16:
         cfg["bf16"] = {"enabled": True}
+    if accum_dtype:  # what megamt.ds_config sets for surgery in bf16 under ZeRO-3: "fp32"
+        cfg["data_types"] = {"grad_accum_dtype": accum_dtype}
     return cfg
 
 
 def reference_direction(method, grads, step, rho):
-    if method == "sum":
+    if method in ("sum", "none"):  # none: a monitoring step, the plain sum is trained on
         return grads.sum(0), rho
     if method == "pcgrad":
         return M.reference_pcgrad(grads, M.projection_orders(T, SEED, step)), rho
@@ -89,16 +92,20 @@ def reference_direction(method, grads, step, rho):
 
 
 def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3, bf16=False, clip=0.0,
-        contiguous=True, overlap=True):
+        contiguous=True, overlap=True, accum_dtype=None, task_scales=(1.0,) * T, sketch_dim=0):
+    """``task_scales``: each task's loss is multiplied by its scale (engine and reference), to
+    give the tasks gradients of very different norms."""
     torch.manual_seed(0)
     model = TinyMLP()
     ref = copy.deepcopy(model).double()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                      config=ds_config(offload, persistent, stage, bf16, clip, contiguous, overlap))
-    gcfg = GradientConfig(method=method, seed=SEED, cagrad_c=0.5, gradvac_beta=0.5)
+                                      config=ds_config(offload, persistent, stage, bf16, clip, contiguous, overlap,
+                                                       accum_dtype))
+    gcfg = GradientConfig(method=method, seed=SEED, cagrad_c=0.5, gradvac_beta=0.5, monitor_sketch_dim=sketch_dim)
     surgery = GradientSurgery(engine, gcfg, [f"task{t}" for t in range(T)], flat_fast_path=flat)
     rho = np.zeros((T, T))
-    errs = {"grad": 0.0, "param": 0.0, "gram": 0.0, "grad_scale": 0.0, "clipped": False}
+    errs = {"grad": 0.0, "param": 0.0, "gram": 0.0, "grad_scale": 0.0, "clipped": False,
+            "gram_rel_to_norms": 0.0, "task_norm_rel": [0.0] * T, "gram_sigma_ratio": 0.0}
     conflicts = []
     for step in range(STEPS):
         # reference: full per-task gradients of the rank-averaged task losses
@@ -106,7 +113,7 @@ def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3
         for t in range(T):
             ref.zero_grad()
             loss = sum(ref(*[v.double() for v in task_batch(t, r, step)]) for r in range(world)) / world
-            loss.backward()
+            (loss * task_scales[t]).backward()
             grads.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]))
         grads = torch.stack(grads)
         d_ref, rho = reference_direction(method, grads, step, rho)
@@ -115,7 +122,7 @@ def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3
         surgery.begin_step()
         for t in range(T):
             x, y = task_batch(t, rank, step)
-            loss = engine(x, y)
+            loss = engine(x, y) * task_scales[t]
             surgery.before_backward()  # ZeRO-1/2: every task's backward is reduced on its own
             engine.backward(loss)
             surgery.after_backward(t)
@@ -128,6 +135,15 @@ def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3
         errs["grad"] = max(errs["grad"], float((got - expected).abs().max()) / scale)
         G_ref = grads @ grads.T
         errs["gram"] = max(errs["gram"], float((stats.gram - G_ref).abs().max() / G_ref.abs().max()))
+        # each entry against its own tasks' norms: what a small task's gradient keeps of itself
+        norms = G_ref.diagonal().sqrt()
+        errs["gram_rel_to_norms"] = max(errs["gram_rel_to_norms"],
+                                        float(((stats.gram - G_ref).abs() / torch.outer(norms, norms)).max()))
+        errs["task_norm_rel"] = [max(a, float(abs(got_n - want_n) / want_n)) for a, got_n, want_n in
+                                 zip(errs["task_norm_rel"], stats.norms, norms)]
+        if sketch_dim:  # the sketch's error in units of its standard deviation bound
+            sigma = ((torch.outer(G_ref.diagonal(), G_ref.diagonal()) + G_ref**2) / sketch_dim).sqrt()
+            errs["gram_sigma_ratio"] = max(errs["gram_sigma_ratio"], float(((stats.gram - G_ref).abs() / sigma).max()))
         conflicts.append(stats.conflicts)
 
         update = expected
@@ -149,6 +165,8 @@ def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3
     errs["applied"] = bool(stats.applied)
     errs["timings"] = {k: round(v, 6) for k, v in stats.timings.items()}
     errs["flat_fast_path"] = surgery.flat is not None
+    errs["buffer_bytes"] = stats.buffer_bytes
+    errs["buffer_kept"] = surgery.buffer is not None
     engine.destroy() if hasattr(engine, "destroy") else None
     return errs
 
@@ -156,6 +174,8 @@ def run(method, world, rank, offload=False, flat=True, persistent=False, stage=3
 def main():
     out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # the launcher adds --local_rank
     deepspeed.init_distributed(dist_backend="gloo")
+    from megamt import comm
+    comm.leave_at_exit()  # gloo threads alive at exit abort a finished rank
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     from megamt.trainer import release_cpu_shm_at_exit
@@ -174,6 +194,16 @@ def main():
              "z2_pcgrad_offload_clip": dict(method="pcgrad", stage=2, offload=True, clip=0.05),
              "z1_gradvac_offload": dict(method="gradvac", stage=1, offload=True),
              "z2_pcgrad_bf16": dict(method="pcgrad", stage=2, bf16=True),
+             # bf16 ZeRO-3: running sums differenced; task 1's gradient is ~300x smaller than
+             # task 0's, so its snapshot difference needs fp32 accumulation (megamt.ds_config
+             # sets it); the control keeps DeepSpeed's bf16 default and must lose precision
+             "z3_pcgrad_bf16_scales": dict(method="pcgrad", bf16=True, accum_dtype="fp32",
+                                           task_scales=(1.0, 0.003, 0.3)),
+             "z3_pcgrad_bf16_scales_bf16_accum": dict(method="pcgrad", bf16=True, task_scales=(1.0, 0.003, 0.3)),
+             # monitoring-only steps: exact Gram (buffer freed after the step) and the sketch
+             "z3_monitor_exact": dict(method="none"),
+             "z3_monitor_sketch": dict(method="none", sketch_dim=32, task_scales=(1.0, 0.01, 0.3)),
+             "z2_monitor_sketch": dict(method="none", stage=2, sketch_dim=32, task_scales=(1.0, 0.01, 0.3)),
              # the other reduction modes of ZeRO-1/2
              "z2_mgda_nocontig": dict(method="mgda", stage=2, contiguous=False),
              "z2_pcgrad_nooverlap": dict(method="pcgrad", stage=2, overlap=False),

@@ -1,6 +1,18 @@
 """Fused vs unfused per-task loss under 2-rank ZeRO-3 (CPU): the same per-task losses at each
 of three optimizer steps and the same parameters after them, untied and tied embeddings.
 
+The fused side runs the trainer's real path: the batch carries ``loss_grad_scale`` (w_t / N_t,
+with unequal task weights), so the kernel's hinted forward computes the gradients and the
+backward uses them (``backward_path_counts["hinted"]``, checked), under ZeRO-3 with the LM
+head gathered by the ``lm_loss`` child module.
+
+Head release (a proxy for the GPU memory the gathered head holds during the backward): a
+tensor hook on ``lm_loss``'s input fires right after that module's backward, i.e. after
+DeepSpeed's post-backward hook of the module; it records the head weight's ``ds_status``.
+With the head registered on ``lm_loss`` it is NOT_AVAILABLE there (released; untied head: no
+later use in the trace); the control run registers it on the root ``MultitaskModel`` as before
+and finds it still AVAILABLE (kept for the whole backward).
+
 The file is also the worker: pytest launches it through the real `deepspeed` launcher.
 """
 
@@ -40,11 +52,17 @@ def test_fused_equals_unfused_under_zero3(tmp_path):
         r = result[tie]
         assert r["partitioned"], "parameters were not ZeRO-3 partitioned"
         assert r["fused_used"] and not r["unfused_used"]
+        assert r["backward_paths"] == {"hinted": STEPS}, r["backward_paths"]  # the trainer's path, every step
         assert r["init_diff"] == 0.0
         assert r["count_equal"]
         assert r["loss_max_abs_diff"] < 1e-5 * max(1.0, r["loss_max_abs"]), r
         assert r["param_max_abs_diff"] < 1e-6, r
         assert r["param_max_update"] > 1e-4, "the step did not move the parameters"
+    # the head is released right after the loss module's backward (untied: nothing reuses it)
+    assert result["untied"]["head_status_after_loss_backward"] == ["NOT_AVAILABLE"] * STEPS, result["untied"]
+    # control: registered on the root module (the old way) it stays gathered there
+    assert result["untied_root_registered"]["head_status_after_loss_backward"] == ["AVAILABLE"] * STEPS
+    assert result["untied_root_registered"]["loss_max_abs_diff"] < 1e-5 * max(1.0, result["untied"]["loss_max_abs"])
 
 
 # --------------------------------------------------------------------------- worker
@@ -65,13 +83,18 @@ def worker(out_path: str) -> None:
 
     torch.set_num_threads(1)
     deepspeed.init_distributed()
+    from megamt import comm
+    comm.leave_at_exit()  # gloo threads alive at exit abort a finished rank
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     from megamt.trainer import release_cpu_shm_at_exit
 
     release_cpu_shm_at_exit(rank)
-    vocab, T = 97, 3
+    import megamt.kernels.fused_linear_cross_entropy as flce
 
-    def run(fused: bool, tie: bool):
+    vocab, T = 97, 3
+    weights = torch.tensor([1.0, 0.5, 2.0])  # unequal task weights: the hint is not uniform
+
+    def run(fused: bool, tie: bool, root_registered: bool = False):
         fc = {"model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 64, "tie_word_embeddings": tie}
@@ -83,8 +106,19 @@ def worker(out_path: str) -> None:
         torch.manual_seed(0)
         keep = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init while building)
         model = MultitaskModel(cfg)
+        head = model.backbone.get_output_embeddings().weight
+        if root_registered:  # the control: how the head was registered before (root module)
+            deepspeed.zero.register_external_parameter(model, head)
         partitioned = all(p.numel() == 0 or p.ds_numel > p.numel() for p in model.parameters())
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+        statuses = []
+        if fused:
+            def watch(module, args):  # prepended: sees the input before DeepSpeed wraps it
+                if args[0].requires_grad:
+                    args[0].register_hook(lambda g: statuses.append(head.ds_status.name))
+
+            model.lm_loss.register_forward_pre_hook(watch, prepend=True)
+        flce.backward_path_counts.clear()
 
         def gathered():
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -96,8 +130,9 @@ def worker(out_path: str) -> None:
             batch = pack_rows(random_rows(torch.Generator().manual_seed(100 * step + rank), 3, 32, T, vocab), 32)
             count = count_targets(batch["labels"], batch["task_ids"], T)
             torch.distributed.all_reduce(count)
+            batch["loss_grad_scale"] = weights / count.clamp_min(1.0)  # as MultitaskTrainer.forward_backward_step
             tl = engine(batch)
-            engine.backward(step_loss(tl, count, torch.ones(T), world, 1))
+            engine.backward(step_loss(tl, count, weights, world, 1))
             engine.step()
             loss_sum, local_count = tl.loss_sum.detach().clone(), tl.count.clone()
             torch.distributed.all_reduce(loss_sum)
@@ -107,14 +142,14 @@ def worker(out_path: str) -> None:
             global_counts.append(count)
         after = gathered()
         return dict(partitioned=partitioned, fused=model.fused_loss, init=init, after=after,
-                    loss=torch.stack(losses), count=torch.stack(counts), global_count=torch.stack(global_counts))
+                    loss=torch.stack(losses), count=torch.stack(counts), global_count=torch.stack(global_counts),
+                    backward_paths=dict(flce.backward_path_counts), statuses=statuses)
 
-    result = {}
-    for tie in (False, True):
-        f, u = run(True, tie), run(False, tie)
-        result["tied" if tie else "untied"] = {
+    def compare(f, u):
+        return {
             "partitioned": f["partitioned"] and u["partitioned"],
-            "fused_used": f["fused"], "unfused_used": u["fused"],
+            "fused_used": f["fused"], "unfused_used": u["fused"], "backward_paths": f["backward_paths"],
+            "head_status_after_loss_backward": f["statuses"],
             "init_diff": max(float((f["init"][n] - u["init"][n]).abs().max()) for n in f["init"]),
             "count_equal": bool(torch.equal(f["count"], u["count"]) and torch.equal(f["count"], f["global_count"])),
             "loss": f["loss"].tolist(), "loss_unfused": u["loss"].tolist(),
@@ -123,6 +158,13 @@ def worker(out_path: str) -> None:
             "param_max_abs_diff": max(float((f["after"][n] - u["after"][n]).abs().max()) for n in f["after"]),
             "param_max_update": max(float((f["after"][n] - f["init"][n]).abs().max()) for n in f["after"]),
         }
+
+    result = {}
+    for tie in (False, True):
+        u = run(False, tie)
+        result["tied" if tie else "untied"] = compare(run(True, tie), u)
+        if not tie:
+            result["untied_root_registered"] = compare(run(True, tie, root_registered=True), u)
     if rank == 0:
         Path(out_path).write_text(json.dumps(result, indent=2))
 

@@ -27,7 +27,7 @@ def _write_experiment(root, launcher="inprocess"):
 
 
 def test_transfer_experiment_small(tmp_path):
-    from megamt.eval.transfer import main
+    from megamt.experiments.transfer import main
 
     spec = _write_experiment(tmp_path)
     assert main(["transfer", str(spec)]) == 0
@@ -59,7 +59,7 @@ def test_transfer_experiment_small(tmp_path):
 
 
 def test_transfer_spec_errors_are_named(tmp_path):
-    from megamt.eval.transfer import main
+    from megamt.experiments.transfer import main
 
     spec = _write_experiment(tmp_path)
     raw = yaml.safe_load(spec.read_text())
@@ -69,18 +69,24 @@ def test_transfer_spec_errors_are_named(tmp_path):
     assert main(["transfer", str(spec)]) == 2
 
 
-def test_transfer_with_held_out_task_causal(tmp_path):
-    """The held-out branch end to end: a tiny causal LM, two trained tasks, one task left out
-    of multitask training and scored zero-shot against its own single-task model."""
+def _tiny_text_to_text_base(root, family: str, name: str) -> None:
+    """The demo corpus with its tiny Llama (causal_lm) or T5 (seq2seq), trained a few steps."""
     from megamt.data.synthetic import make_demo_assets
-    from megamt.eval.transfer import main
 
-    demo = make_demo_assets(tmp_path / "demo", n_train=32, n_val=4, seq_len=96)
+    demo = make_demo_assets(root / "demo", n_train=32, n_val=4, seq_len=96, family=family)
     spec = yaml.safe_load(demo.spec.read_text())
     spec["train"] = {"micro_batch_size": 2, "log_every": 1, "eval_batches": 1, "warmup_steps": 0, "lr": 1e-3,
                      "eval_at_start": False, "progress_bar": False}
     spec.setdefault("eval", {})["max_new_tokens"] = 4
-    (tmp_path / "demo" / "causal.yaml").write_text(yaml.safe_dump(spec))
+    (root / "demo" / name).write_text(yaml.safe_dump(spec))
+
+
+def test_transfer_with_held_out_task_causal(tmp_path):
+    """The held-out branch end to end: a tiny causal LM, two trained tasks, one task left out
+    of multitask training and scored zero-shot against its own single-task model."""
+    from megamt.experiments.transfer import main
+
+    _tiny_text_to_text_base(tmp_path, "causal_lm", "causal.yaml")
     exp = {"base": "demo/causal.yaml", "tasks": ["sentiment", "nli"], "held_out": ["instruct"], "steps_per_task": 2,
            "launcher": "inprocess", "multitask": {"proportional": ["mixture.strategy=proportional"]},
            "eval": {"max_examples": 4}, "out": "out"}
@@ -101,3 +107,27 @@ def test_transfer_with_held_out_task_causal(tmp_path):
     assert res["multitask (proportional)"]["steps"] == 4 and res["single-task"]["models"] == 3
     md = (out / "transfer.md").read_text()
     assert "instruct (held out: zero-shot)" in md and "Zero-shot / supervised (single-task) ratio: instruct" in md
+
+
+def test_transfer_with_held_out_task_seq2seq(tmp_path):
+    """The experiment accepts an encoder-decoder backbone: a tiny T5 (the family detected from
+    its config), two trained tasks and one held out, scored zero-shot by generation."""
+    from megamt.experiments.transfer import main
+
+    _tiny_text_to_text_base(tmp_path, "seq2seq", "t5.yaml")
+    exp = {"base": "demo/t5.yaml", "tasks": ["sentiment", "qa"], "held_out": ["summ"], "steps_per_task": 2,
+           "launcher": "inprocess", "eval": {"max_examples": 4}, "out": "out"}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["transfer", str(tmp_path / "exp.yaml")]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "transfer.json").read_text())
+    multi = json.loads((out / "runs" / "multitask-multitask" / "run_summary.json").read_text())
+    assert multi["eval"]["family"] == "seq2seq"
+    assert multi["eval"]["tasks"]["summ"]["zero_shot"] and not multi["eval"]["tasks"]["qa"]["zero_shot"]
+    for row in report["tasks"]:
+        t, m = row["task"], row["metric"]
+        single = json.loads((out / "runs" / f"single-{t}" / "run_summary.json").read_text())
+        assert row["single"] == single["eval"]["tasks"][t]["metrics"][m]
+        assert row["multitask"]["multitask"] == multi["eval"]["tasks"][t]["metrics"][m]
+        assert row["n_examples"] == 4
+    assert next(r for r in report["tasks"] if r["task"] == "summ")["held_out"]

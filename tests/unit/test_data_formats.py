@@ -181,3 +181,91 @@ def test_bad_input_raises_naming_file_and_line_or_is_counted(tmp_path, reason):
     good = read(t, "skip", skips)
     assert skips.as_dict() == {reason: 1}
     assert len(good) == (0 if reason == "empty_input" else 1)
+
+
+# --------------------------------------------------------------------------- the files people have
+
+
+def test_headerless_news_csv_named_columns_joined_text_quoted_commas(tmp_path):
+    """AG News ships headerless: label, title, description, with quoted commas in the text.
+    `columns` names them; `fields.text: [title, description]` joins two columns; quoting is on
+    by default for .csv (today's reader took the first row as a header and split at commas)."""
+    p = tmp_path / "news.csv"
+    p.write_text('3,"Wall St. Bears Claw Back Into the Black (Reuters)","Reuters - Short-sellers, Wall Street\'s '
+                 'dwindling band of ultra-cynics, are seeing green again."\n'
+                 '4,"Google, Yahoo agree",""" A quote "" inside, too."\n', encoding="utf-8")
+    t = task("classification", p, fields={"text": ["title", "description"]}, columns=["label", "title", "description"])
+    ex = read(t)
+    assert [e.fields["label"] for e in ex] == ["3", "4"]
+    assert ex[0].fields["text"] == ("Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, "
+                                    "Wall Street's dwindling band of ultra-cynics, are seeing green again.")
+    assert ex[1].fields["text"] == 'Google, Yahoo agree " A quote " inside, too.'
+    assert ex[0].key == f"{p}:1" and ex[1].key == f"{p}:2"
+    assert resolve_labels("t", t) == ["3", "4"]
+    # a missing column names what the row has and how to name the columns
+    t = task("classification", p, fields={"text": ["title", "summary"]}, columns=["label", "title", "description"])
+    with pytest.raises(DataError, match=r"\['summary'\].*missing.*columns"):
+        read(t)
+
+
+def test_headerless_without_columns_says_how_to_name_them(tmp_path):
+    p = tmp_path / "news.csv"
+    p.write_text('3,"a, b",c\n4,d,e\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read(task("classification", p))
+    assert "columns: [...]" in str(e.value) and "missing" in str(e.value)
+
+
+def test_tsv_with_bom_and_crlf_glue_style(tmp_path):
+    """A paraphrase TSV saved on Windows: UTF-8 byte-order mark, CRLF, bare quotes (quoting off for tsv)."""
+    p = tmp_path / "mrpc.tsv"
+    p.write_bytes("\ufeffQuality\t#1 String\t#2 String\r\n1\tHe said \"yes.\tHe agreed.\r\n0\tA\tB\r\n"
+                  .encode("utf-8"))
+    t = task("classification", p, fields={"label": "Quality", "text": "#1 String", "text_pair": "#2 String"})
+    ex = read(t)
+    assert [e.fields for e in ex] == [{"text": 'He said "yes.', "text_pair": "He agreed.", "label": "1"},
+                                      {"text": "A", "text_pair": "B", "label": "0"}]
+    # headerless with a BOM: the first value loses it too
+    q = tmp_path / "nohead.tsv"
+    q.write_bytes("\ufeff1\tx y\r\n0\tz\r\n".encode("utf-8"))
+    ex = read(task("classification", q, columns=["label", "text"]))
+    assert [e.fields["label"] for e in ex] == ["1", "0"] and ex[0].fields["text"] == "x y"
+
+
+def test_quoting_defaults_and_override(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text('text,label\n"a, b",x\n', encoding="utf-8")
+    assert read(task("classification", p))[0].fields["text"] == "a, b"  # csv: on by default
+    with pytest.raises(DataError) as e:  # explicitly off: the quoted comma splits the row
+        read(task("classification", p, quoting=False))
+    assert e.value.reason == "extra_field"
+
+
+def test_input_keys_are_checked():
+    from megamt.config import ConfigError, config_from_dict
+
+    bad = {"tasks": {"t": {"inputs": {"train": {"path": "x.jsonl", "format": "jsonl", "columns": ["a", "a"]}},
+                           "fields": {"label": ["a", "b"]}}}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(bad)
+    msg = str(e.value)
+    assert "tasks.t.inputs.train.columns: a column is named twice" in msg
+    assert "tasks.t.inputs.train.columns: only for tsv/csv" in msg
+    assert "tasks.t.fields.label: a list of source fields" in msg
+
+
+@pytest.mark.skipif(not (REAL / "sst2").is_dir(), reason="no ../shared/data")
+def test_real_sst2_rows_as_headerless_csv(tmp_path):
+    """The SST-2 sample rewritten as a headerless, quoted CSV (as users export from pandas)
+    reads back to the same examples as the GLUE TSV."""
+    import csv
+
+    src = REAL / "sst2" / "dev.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in src.read_text(encoding="utf-8").splitlines(True)[1:]]
+    p = tmp_path / "dev.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\r\n").writerows([[lab, text] for text, lab in rows])
+    from_csv = read(task("classification", p, columns=["label", "text"]))
+    from_tsv = read(task("classification", src, fields={"text": "sentence"}))
+    assert len(from_csv) == len(from_tsv) == 872
+    assert [e.fields for e in from_csv] == [e.fields for e in from_tsv]

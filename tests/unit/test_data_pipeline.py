@@ -99,9 +99,10 @@ def test_infinite_stream_epochs_reshuffle_and_split_by_rank(demo):
     src = {k: i for i, (p, n) in enumerate(shards) for k in keys_of(TaskStream([(p, n)], infinite=False))}
     assert len({src[next(w1)["meta"]["key"]] for _ in range(8)}) == 1
     assert len({src[next(w2)["meta"]["key"]] for _ in range(8)}) == 2
-    one = TaskStream(shards[-1:], 7, 9, infinite=True, name="x")  # the last shard holds 8: consumer 7 owns 1
+    # the last shard holds 8: consumer c of 9 owns the run [8c // 9, 8(c + 1) // 9): 7 owns one, 0 none
+    one = TaskStream(shards[-1:], 7, 9, infinite=True, name="x")
     assert len({next(one)["meta"]["key"] for _ in range(10)}) == 1
-    tiny = TaskStream(shards[-1:], 8, 9, infinite=True, name="x")
+    tiny = TaskStream(shards[-1:], 0, 9, infinite=True, name="x")
     assert len({next(tiny)["meta"]["key"] for _ in range(40)}) == 8
 
 
@@ -238,3 +239,21 @@ def test_encoder_qa_is_split_into_doc_stride_windows(demo):
     stats = p.stats()
     assert stats["qa_split"] > 0 and stats["qa_windows"] >= stats["qa_split"] and spans > 0
     assert any("extractive QA split into windows (data.qa_doc_stride=3)" in l for l in lines)
+
+
+def test_background_window_reads_give_the_same_batches(demo):
+    """data.prefetch_windows changes when a window is read, never which batches come out."""
+    a, over = demo
+    on, off = (TrainPipeline(load_config(a.spec, over + [f"data.prefetch_windows={v}", "data.shuffle_buffer=10"]),
+                             1, 2, log=None) for v in ("true", "false"))
+    on.start_prefetch()
+    for step in range(30):
+        task = "qa" if step % 3 == 2 else None
+        b_on, b_off = on.next_batch(task), off.next_batch(task)
+        for key in b_on:
+            if torch.is_tensor(b_on[key]):
+                assert torch.equal(b_on[key], b_off[key]), (step, key)
+    assert on.state_dict() == off.state_dict()
+    assert on.window_stats()["fills"] == off.window_stats()["fills"] > 6
+    assert off.window_stats()["fill_waits"] == off.window_stats()["fills"]  # inline: every fill is waited for
+    on.close()

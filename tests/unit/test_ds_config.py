@@ -98,3 +98,49 @@ def test_stale_extension_build_locks_are_named(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"WARNING {old} is 60 min old" in err and str(top) in err and str(fresh) not in err
     assert warn_stale_build_locks(min_age_s=7200) == []
+
+
+def test_gradients_are_reduced_in_fp32_unless_the_user_opts_out():
+    """DeepSpeed 0.19.8 reads the top-level communication_data_type (engine.communication_data_type,
+    default: the model dtype) in ZeRO-3's __avg_scatter_grads and in ZeRO-1/2's reductions; megamt
+    resolves it to fp32 (train.grad_comm_dtype) -- test_trainer_hot_path records the dtype ZeRO-3
+    hands to its reduce-scatter."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for name in TEMPLATES:
+        ds = build_ds_config(make_cfg(ds_config=name), world_size=1, hidden_size=64, dtype="bf16")  # this process
+        assert ds["communication_data_type"] == "fp32" and ds["bf16"]["enabled"] is True
+        assert DeepSpeedConfig(ds).communication_data_type == torch.float32
+    ds = build_ds_config(make_cfg(grad_comm_dtype="model"), world_size=1, hidden_size=64, dtype="bf16")
+    assert ds["communication_data_type"] == "bf16" and DeepSpeedConfig(ds).communication_data_type == torch.bfloat16
+    assert build_ds_config(make_cfg(grad_comm_dtype="model"), world_size=2)["communication_data_type"] == "fp32"
+    template, _ = load_template("zero3")
+    template["communication_data_type"] = "bf16"  # a literal that disagrees is an error naming both
+    with pytest.raises(DsConfigError, match="communication_data_type = 'bf16'.*train.grad_comm_dtype=fp32"):
+        resolve_ds_config(template, make_cfg(), world_size=2, dtype="bf16")
+    template["communication_data_type"] = "auto"
+    assert resolve_ds_config(template, make_cfg(), world_size=2, dtype="bf16")["communication_data_type"] == "fp32"
+
+def test_surgery_in_bf16_under_zero3_accumulates_in_fp32():
+    from megamt.config import GradientConfig
+
+    def resolved(method="none", monitor_every=0, dtype="bf16", template="zero3", literal=None):
+        cfg = make_cfg(ds_config=template)
+        cfg.gradients = GradientConfig(method=method, monitor_every=monitor_every)
+        tpl, source = load_template(template)
+        if literal is not None:
+            tpl["data_types"] = {"grad_accum_dtype": literal}
+        return resolve_ds_config(tpl, cfg, world_size=2, dtype=dtype, source=source)
+
+    # surgery differences ZeRO-3's running sums: fp32 accumulation, created in the resolved config
+    assert resolved(method="pcgrad")["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert resolved(monitor_every=10)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert resolved(method="sum", template="zero3_offload")["data_types"] == {"grad_accum_dtype": "fp32"}
+    # nothing to difference: DeepSpeed's own choice stays (no surgery, fp32 model, ZeRO-1/2 resets per task)
+    assert "data_types" not in resolved()
+    assert "data_types" not in resolved(method="pcgrad", dtype="fp32")
+    assert "data_types" not in resolved(method="pcgrad", template="zero2")
+    # a literal bf16 accumulation would make the differences wrong: named, not overridden
+    with pytest.raises(DsConfigError, match="data_types.grad_accum_dtype = 'bf16'.*gradient surgery"):
+        resolved(method="pcgrad", literal="bf16")
+    assert resolved(method="pcgrad", literal="fp32")["data_types"] == {"grad_accum_dtype": "fp32"}

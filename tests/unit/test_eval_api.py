@@ -173,7 +173,8 @@ def test_encoder_qa_windows_find_the_same_span_as_one_long_window(demo, encoder,
     def run(seq_len, stride):
         cfg = copy.deepcopy(encoder.config)
         cfg.data.seq_len, cfg.data.qa_doc_stride, cfg.eval.max_answer_tokens = seq_len, stride, 5
-        local, _ = api._predict_encoder(enc_model, tok, cfg, et, examples, list(range(len(examples))), 4, False)
+        local, _ = api._predict_encoder(api._routed(enc_model, enc_model), tok, cfg, et, examples,
+                                        list(range(len(examples))), 4, False)
         return [p for _, p, _ in sorted(local)]
 
     longest = max(len(tok(e.fields["question"], e.fields["context"])["input_ids"]) for e in examples)
@@ -221,3 +222,17 @@ def test_all_templates_reports_each_and_the_mean(demo, causal, tmp_path):
     w = Writer()
     log_eval(w, 1, res)
     assert "eval/sentiment/accuracy_template_std" in w.tags and "eval/sentiment/accuracy" in w.tags
+
+
+@pytest.mark.parametrize("template", ["zero3", "zero3_offload", "zero2_offload"])
+def test_inference_ds_config_is_zero3_without_optimizer(demo, template):
+    """`megamt eval` under a launcher: the training template resolved the same way, then
+    stage 3 with no optimizer, scheduler or optimizer offload (parameter offload kept)."""
+    from megamt.ds_config import load_template
+    from megamt.eval.evaluate import inference_ds_config
+
+    ds = inference_ds_config(load_config(demo.spec, [f"train.ds_config={template}"]))
+    assert ds["zero_optimization"]["stage"] == 3
+    assert "optimizer" not in ds and "scheduler" not in ds and "offload_optimizer" not in ds["zero_optimization"]
+    param_offload = load_template(template)[0]["zero_optimization"].get("offload_param")
+    assert ds["zero_optimization"].get("offload_param") == param_offload

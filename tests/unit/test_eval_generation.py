@@ -69,3 +69,23 @@ def test_rank_classification_equals_reference(tiny_lm):
                 assert scores[i][c] == pytest.approx(ref, abs=1e-4)
     pred = rank_classify(tiny_lm, prompts, choices, pad_id=PAD)
     assert pred == [max(range(len(s)), key=lambda j: s[j]) for s in scores]
+
+
+def test_rank_classification_progress_counts_examples_not_choices(tiny_lm):
+    """The bar's total is the number of examples: 7 examples with 2-3 choices each advanced it
+    to 15-ish before (408 examples of a 2-label task showed 800/408)."""
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    prompts = [[1, 5 + i] for i in range(7)]
+    choices = [[[7, EOS], [8, 9, EOS]] if i % 2 else [[7, EOS], [8, EOS], [9, EOS]] for i in range(7)]
+    bar = Bar()
+    rank_classify(tiny_lm, prompts, choices, pad_id=PAD, batch_size=4, progress=bar)
+    assert bar.n == 7
+    bar = Bar()
+    greedy_generate(tiny_lm, prompts, eos_id=EOS, pad_id=PAD, max_new_tokens=2, batch_size=3, progress=bar)
+    assert bar.n == 7

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from megamt.eval.transfer import aggregate, markdown_report, plan_runs, write_experiment_report
+from megamt.experiments.transfer import aggregate, markdown_report, plan_runs, write_experiment_report
 
 
 def _summary(out, name, tasks, params, seconds, peak, steps):
@@ -61,7 +61,7 @@ def test_missing_run_is_named(tmp_path):
 def test_cosines_read_back_from_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from megamt.eval.transfer import _read_cosines
+    from megamt.experiments.transfer import _read_cosines
 
     w = SummaryWriter(str(tmp_path / "tensorboard"))
     for step, v in ((1, 0.5), (2, -0.1)):

@@ -17,7 +17,7 @@ deepspeed_utils = pytest.importorskip("deepspeed.utils")
 
 from megamt.config import GradientConfig  # noqa: E402
 from megamt.gradients.methods import PCGrad, projection_orders, reference_pcgrad  # noqa: E402
-from megamt.gradients.surgery import GradientSurgery  # noqa: E402
+from megamt.gradients.surgery import GradientSurgery, countsketch  # noqa: E402
 
 SIZES = [5, 3, 7]
 
@@ -219,3 +219,123 @@ def test_zero12_fragments_boundaries_and_writeback(method):
         assert stats.applied == (method == "pcgrad")
         for f in engine.frags.values():
             f.zero_()  # the optimizer step consumes the gradient
+
+
+# --------------------------------------------------------------------------------------
+# The snapshot buffer: sized by training tasks, freed after monitoring steps; the sketch
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "none"])
+def test_buffer_sized_by_training_tasks_kept_only_with_a_method(fake_ds, method):
+    # tasks a, b train; "zs" is a zero-shot task: it never has a backward, so it gets no row
+    engine = FakeEngine(gas=2)
+    fake_ds.append(engine)
+    grads = torch.randn(2, sum(SIZES), generator=torch.Generator().manual_seed(5))
+    surgery = GradientSurgery(engine, GradientConfig(method=method), ["a", "zs", "b"], train_tasks=["a", "b"],
+                              backend="torch")
+    for _ in range(2):
+        engine.flat.zero_()
+        surgery.begin_step()
+        for t, task in enumerate([0, 2]):
+            engine.backward_task(grads[t])
+            surgery.after_backward(task)
+            assert surgery.buffer.shape == (2, sum(SIZES))
+        with pytest.raises(RuntimeError, match="more backwards in this window than the 2 training tasks"):
+            surgery.after_backward(1)
+        stats = surgery.finish()
+        assert stats.buffer_bytes == 2 * sum(SIZES) * 4
+        assert torch.allclose(stats.norms[[0, 2]], grads.double().norm(dim=1), rtol=1e-5)
+        # a gradient method measures every step: kept; monitoring only: freed until the next one
+        assert (surgery.buffer is not None) == (method != "none")
+    with pytest.raises(ValueError, match="subset of the tasks"):
+        GradientSurgery(engine, GradientConfig(method=method), ["a", "b"], train_tasks=["a", "c"])
+
+
+def test_countsketch_gram_is_unbiased_with_the_stated_variance():
+    """The JL bound the config documents, measured: over R = 200 independent hashes the error
+    of every Gram entry has mean ~0 (|mean| <= 5 sigma / sqrt(R)) and root mean square at most
+    1.25 x sigma, sigma = sqrt((G_ii G_jj + G_ij^2) / k) (the variance bound; 1.25 covers the
+    sampling error of an RMS over 200 draws, ~5-7 %). Tasks of very different norms, correlated."""
+    gen = torch.Generator().manual_seed(6)
+    n, k, R = 10_000, 128, 200
+    base = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    x = torch.stack([base[0], -0.7 * base[0] + 0.3 * base[1], 1e-3 * base[2], 50.0 * (base[3] + 0.5 * base[0])])
+    # split into "parameters" as a partition would be
+    cuts = [0, 3, 5000, 5001, 7_345, n]
+    x = x.float().double()  # the sketch reads fp32 partitions
+    G = x @ x.T
+    sigma = ((G.diagonal()[:, None] * G.diagonal()[None, :] + G**2) / k).sqrt()
+    errs = []
+    for seed in range(R):
+        sk = torch.stack([countsketch([row[a:b].float() for a, b in zip(cuts, cuts[1:])], k, seed) for row in x])
+        errs.append(sk @ sk.T - G)
+    errs = torch.stack(errs)
+    assert (errs.mean(0).abs() <= 5 * sigma / R**0.5).all(), errs.mean(0) / (sigma / R**0.5)
+    rms = errs.pow(2).mean(0).sqrt()
+    assert (rms <= 1.25 * sigma).all(), (rms / sigma)
+    # and the hash is a function of (seed, layout): the same call gives the same sketch
+    parts = [x[0, a:b].float() for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(countsketch(parts, k, 3), countsketch(parts, k, 3))
+    assert not torch.equal(countsketch(parts, k, 3), countsketch(parts, k, 4))
+
+
+def _saved(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_monitor_sketch_needs_no_buffer_zero3(fake_ds):
+    # ZeRO-3 (running sums): the sketch of each task is a difference of sketches of running
+    # sums; nothing n_local-sized is kept, nothing is written back
+    engine = FakeEngine(gas=3)
+    fake_ds.append(engine)
+    gen = torch.Generator().manual_seed(7)
+    grads = torch.randn(3, sum(SIZES), generator=gen, dtype=torch.float64)
+    grads[1] *= 0.01  # very different norms
+    k = 4096  # > n_local here: nearly every coordinate in its own bucket, so tight bounds
+    surgery = GradientSurgery(engine, GradientConfig(method="none", monitor_sketch_dim=k), ["a", "b", "c"],
+                              backend="torch")
+    engine.flat.zero_()
+    surgery.begin_step()
+    for t in range(3):
+        engine.backward_task(grads[t].float())
+        surgery.after_backward(t)
+    before = engine.flat.clone()
+    stats = surgery.finish()
+    assert surgery.buffer is None and surgery.sketch is None and torch.equal(engine.flat, before)
+    assert stats.buffer_bytes == 3 * k * 8
+    # the hash changes from window to window and resumes with the checkpoint (weights_only-safe)
+    state = surgery.state_dict()
+    assert state["windows"] == 1 and torch.load(_saved(state), weights_only=True) == state
+    resumed = GradientSurgery(engine, GradientConfig(method="none", monitor_sketch_dim=k), ["a", "b", "c"])
+    resumed.load_state_dict(state)
+    assert resumed.windows == surgery.windows
+    G = grads @ grads.T
+    sigma = ((G.diagonal()[:, None] * G.diagonal()[None, :] + G**2) / k).sqrt()
+    assert ((stats.gram - G).abs() <= 6 * sigma + 1e-5 * G.abs().max()).all()
+
+
+def test_monitor_sketch_zero12_writes_the_sum_back():
+    T = 3
+    engine = FakeEngine12(gas=T)
+    grads = torch.randn(T, sum(SIZES), generator=torch.Generator().manual_seed(8))
+    surgery = GradientSurgery(engine, GradientConfig(method="none", monitor_sketch_dim=64), ["a", "b", "c"],
+                              backend="torch")
+    surgery.begin_step()
+    for t in range(T):
+        engine.set_gradient_accumulation_boundary(t == T - 1)
+        surgery.before_backward()
+        engine.backward_task(grads[t])
+        surgery.after_backward(t)
+        assert all(f.abs().sum() == 0 for f in engine.frags.values()) and engine.boundary is False
+    stats = surgery.finish()
+    assert engine.boundary is True and surgery.buffer is None
+    got = torch.cat([engine.frags[i] for i in sorted(engine.frags)]).double()
+    want = torch.stack([engine.local(g) for g in grads]).double().sum(0) / T
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)  # the step's gradient, as without surgery
+    assert stats.buffer_bytes == T * 64 * 8 + want.numel() * 4  # the sketches + one fp32 row

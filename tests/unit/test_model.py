@@ -80,6 +80,32 @@ def test_fused_loss_equals_unfused_with_gradients(tie):
         torch.testing.assert_close(pf.grad, pp.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_loss_module_owns_the_head_registration_and_the_hinted_path(tie):
+    """The fused loss runs in the parameter-free child ``lm_loss``; the head (tied or not) is
+    registered as ITS external ZeRO-3 parameter, not the root's; state_dict keys are unchanged;
+    with ``loss_grad_scale`` in the batch (the trainer's path) the gradients equal the unfused
+    ones for the step loss."""
+    pytest.importorskip("deepspeed")
+    fused, plain = build(fused=True, tie=tie), build(fused=False, tie=tie)
+    head = fused.backbone.get_output_embeddings().weight
+    assert [id(p) for _, p in fused.lm_loss.ds_external_parameters()] == [id(head)]
+    assert not hasattr(fused, "_external_params") and list(fused.lm_loss.parameters()) == []
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(fused.state_dict())
+    b = batch(seed=2)
+    count = count_targets(b["labels"], b["task_ids"], 3)
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    import megamt.kernels.fused_linear_cross_entropy as flce
+
+    flce.backward_path_counts.clear()
+    for model in (fused, plain):
+        step_loss(model(dict(b, loss_grad_scale=weights / count.clamp_min(1.0))), count, weights, 2, 3).backward()
+    assert dict(flce.backward_path_counts) == {"hinted": 1}
+    for (n, pf), (_, pp) in zip(fused.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(pf.grad, pp.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_step_loss_gradient_equals_global_objective():
     """Sum over ranks/micro-batches of step_loss / (world*accum) (what DeepSpeed averages) is the
     gradient of sum_t mean_t over the global batch."""

@@ -29,7 +29,7 @@ class FakeEngine:
 
 
 def test_save_prune_latest_and_load(tmp_path):
-    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1, barrier=lambda: None)
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1)
     assert mgr.latest_tag() is None
     for step in (3, 6, 9):
         mgr.save(FakeEngine(), step, {"pipeline": {"drawn": step}, "rng": rng_state()}, {"note.txt": "x"})
@@ -57,7 +57,7 @@ def test_every_part_of_the_trainer_state_round_trips(tmp_path):
     gradvac.coefficients(G, tasks=[0, 1, 2])
     rank_state = {"pipeline": {"drawn": 1}, "rng": rng_state(), "balancer": {"name": "dwa", "w": torch.ones(3)},
                   "surgery": {"method": gradvac.state_dict()}, "extra": {"consecutive_nonfinite": 2}}
-    mgr = CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1, barrier=lambda: None)
+    mgr = CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1)
     mgr.save(FakeEngine(), 4, rank_state, {})
     state = mgr.load(FakeEngine(), "step_00000004")
     for key, value in rank_state.items():
@@ -70,7 +70,7 @@ def test_every_part_of_the_trainer_state_round_trips(tmp_path):
 
 
 def test_a_crashed_save_leaves_the_previous_latest(tmp_path):
-    mgr = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1, barrier=lambda: None)
+    mgr = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1)
     mgr.save(FakeEngine(), 5, {"rng": rng_state()}, {})
     with pytest.raises(RuntimeError, match="disk full"):
         mgr.save(FakeEngine(fail_on="step_00000010"), 10, {"rng": rng_state()}, {})
@@ -81,9 +81,9 @@ def test_a_crashed_save_leaves_the_previous_latest(tmp_path):
 
 
 def test_world_size_change_is_refused(tmp_path):
-    CheckpointManager(tmp_path, 2, 0, 1, lambda: None).save(FakeEngine(), 1, {"rng": rng_state()}, {})
+    CheckpointManager(tmp_path, 2, 0, 1).save(FakeEngine(), 1, {"rng": rng_state()}, {})
     with pytest.raises(RuntimeError, match="resume with 1 ranks"):
-        CheckpointManager(tmp_path, 2, 0, 2, lambda: None).load(FakeEngine(), "step_00000001")
+        CheckpointManager(tmp_path, 2, 0, 2).load(FakeEngine(), "step_00000001")
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):

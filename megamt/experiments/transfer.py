@@ -9,7 +9,7 @@ every task it knows, and writes ``OUT/transfer.md`` + ``OUT/transfer.json``:
 - per task: the single-task score, each multitask score and the difference
   (multitask - single-task: positive = positive transfer), on the task type's primary
   metric (accuracy, SQuAD F1, entity F1, ROUGE-L);
-- held-out tasks (``held_out:``; causal LMs): trained single-task as the supervised
+- held-out tasks (``held_out:``; causal LMs and encoder-decoders): trained single-task as the supervised
   reference, left out of the multitask training, evaluated zero-shot; the ratio
   zero-shot / supervised;
 - the resource table: number of models, total training time, peak memory (max over
@@ -33,16 +33,15 @@ Every number comes from the runs this command starts. SPEC (YAML)::
     eval: {split: validation, max_examples: 200, max_new_tokens: 32, batch_size: 16}
     out: runs/transfer          # relative to this file; ``--out`` wins
 
-Each model trains in its own process (``python -m megamt.eval.transfer run CONFIG`` or the
+Each model trains in its own process (``python -m megamt.experiments.transfer run CONFIG`` or the
 same under ``deepspeed``) through ``MultitaskTrainer``; after training that process
-gathers a plain copy of the weights, evaluates it with :func:`megamt.eval.api.evaluate`
-and writes ``run_summary.json``.
+evaluates the engine's (partitioned) model with :func:`megamt.eval.api.evaluate` and writes
+``run_summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -97,8 +96,9 @@ def load_spec(path: str | Path, out: str | None = None) -> dict:
     for t in tasks + held_out:
         if t not in cfg.tasks:
             problems.append(f"{path}: task {t!r} is not in {base} (tasks: {list(cfg.tasks)})")
-    if held_out and cfg.model.family == "encoder":
-        problems.append(f"{path}: held_out needs the causal_lm family (an encoder has no head for an unseen task)")
+    if held_out and _family(cfg) == "encoder":
+        problems.append(f"{path}: held_out needs a text-to-text family, causal_lm or seq2seq (an encoder has no "
+                        "head for an unseen task)")
     if len(tasks) < 2:
         problems.append(f"{path}: a transfer experiment needs at least 2 tasks, got {tasks}")
     multitask = raw.get("multitask") or {"multitask": []}
@@ -111,6 +111,15 @@ def load_spec(path: str | Path, out: str | None = None) -> dict:
             "steps_per_task": steps, "multitask": {k: [str(o) for o in (v or [])] for k, v in multitask.items()},
             "launcher": raw.get("launcher", "python"), "num_gpus": int(raw.get("num_gpus", 2)),
             "eval": dict(raw.get("eval") or {}), "out": str(out_dir.resolve()), "seed": raw.get("seed")}
+
+
+def _family(cfg) -> str:
+    """The backbone's family (causal_lm, encoder, seq2seq): configured, else from its config."""
+    from megamt.model import resolve_family
+
+    if cfg.model.family != "auto" or not (cfg.model.name_or_path or cfg.model.from_config):
+        return cfg.model.family
+    return resolve_family(cfg.model)
 
 
 def plan_runs(spec: dict) -> list[dict]:
@@ -137,33 +146,16 @@ def run_config(spec: dict, run: dict, shards_dir: str):
         f"data.shards_dir={shards_dir}"]
     if spec.get("seed") is not None:
         overrides.append(f"train.seed={spec['seed']}")
-    cfg = load_config(spec["base"], overrides)
-    keep = run["train_tasks"] + [t for t in run["eval_tasks"] if t not in run["train_tasks"]]
-    cfg.tasks = {name: copy.deepcopy(cfg.tasks[name]) for name in keep}
-    for name, task in cfg.tasks.items():
-        task.zero_shot = name not in run["train_tasks"]
-    cfg.mixture.phases = [p for p in cfg.mixture.phases if set(p.tasks) <= set(cfg.tasks)]
-    cfg.gradients.static_weights = {k: v for k, v in cfg.gradients.static_weights.items() if k in cfg.tasks}
-    cfg.eval.tasks = [t for t in cfg.eval.tasks if t in cfg.tasks]
-    cfg.eval.metrics = {k: v for k, v in cfg.eval.metrics.items() if k in cfg.tasks}
-    from megamt.config import validate
+    from megamt.experiments.runner import restrict_tasks
 
-    return validate(cfg)
+    return restrict_tasks(load_config(spec["base"], overrides), run["train_tasks"], run["eval_tasks"])
 
 
 # --------------------------------------------------------------------------- one run (child process)
 
 
-def _plain_copy(trainer):
-    """A non-partitioned MultitaskModel with the trained weights, on every rank."""
-    from megamt.eval.api import gather_plain_copy
-
-    trainer.__dict__.pop("_hf_ds_config", None)
-    return gather_plain_copy(trainer.engine.module, trainer.cfg)
-
-
 def run_one(config_path: str, eval_opts: dict) -> int:
-    """Train one model, evaluate a plain copy of it, write ``run_summary.json`` (rank 0)."""
+    """Train one model, evaluate it, write ``run_summary.json`` (rank 0)."""
     import torch
 
     from megamt.config import load_config
@@ -178,10 +170,10 @@ def run_one(config_path: str, eval_opts: dict) -> int:
     t0 = time.perf_counter()
     summary = trainer.train()
     train_s = time.perf_counter() - t0
-    peak = torch.tensor([peak_memory_gib()])
-    if torch.distributed.is_initialized() and trainer.world_size > 1:
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    model = _plain_copy(trainer)
+    from megamt import comm
+
+    peak = torch.tensor(comm.reduce_values([peak_memory_gib()], "max"))
+    model = trainer.engine.module  # evaluated partitioned (megamt.eval.api.evaluate)
     eval_tasks = {t: {} for t in cfg.tasks}
     t1 = time.perf_counter()
     results = evaluate(model, eval_tasks, split=eval_opts.get("split"), max_examples=eval_opts.get("max_examples"),
@@ -201,15 +193,17 @@ def run_one(config_path: str, eval_opts: dict) -> int:
 
 
 def _launch(spec: dict, config_path: Path, log_path: Path) -> None:
+    from megamt.experiments.launch import free_port
+
     eval_json = json.dumps(spec["eval"])
     if spec["launcher"] == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", str(spec["num_gpus"]), "--master_port", str(_free_port()),
-               "--module", "megamt.eval.transfer", "run", str(config_path), "--eval-json", eval_json]
+        cmd = ["deepspeed", "--num_gpus", str(spec["num_gpus"]), "--master_port", str(free_port()),
+               "--module", "megamt.experiments.transfer", "run", str(config_path), "--eval-json", eval_json]
         exe = Path(sys.executable).parent / "deepspeed"
         if exe.is_file():
             cmd[0] = str(exe)
     else:
-        cmd = [sys.executable, "-m", "megamt.eval.transfer", "run", str(config_path), "--eval-json", eval_json]
+        cmd = [sys.executable, "-m", "megamt.experiments.transfer", "run", str(config_path), "--eval-json", eval_json]
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -220,14 +214,6 @@ def _launch(spec: dict, config_path: Path, log_path: Path) -> None:
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"run {config_path.parent.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_experiment(spec: dict, log=print) -> dict:
@@ -338,7 +324,7 @@ def aggregate(spec: dict, runs: list[dict]) -> dict:
     tasks = []
     for t in spec["tasks"] + spec["held_out"]:
         st = summaries[f"single-{t}"]["eval"]["tasks"][t]
-        metric = primary_metric(st["task_type"])
+        metric = primary_metric(st["task_type"], st["metrics"])
         row: dict[str, Any] = {"task": t, "task_type": st["task_type"], "metric": metric,
                                "held_out": t in spec["held_out"], "n_examples": st["n_examples"],
                                "single": st["metrics"][metric], "multitask": {}, "diff": {}, "ratio": {}}
@@ -483,13 +469,17 @@ def write_experiment_report(report: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":  # the child process of one model
-        ap = argparse.ArgumentParser(prog="megamt.eval.transfer run")
+        ap = argparse.ArgumentParser(prog="megamt.experiments.transfer run")
         ap.add_argument("cmd")
         ap.add_argument("config")
         ap.add_argument("--eval-json", default="{}")
         ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         args = ap.parse_args(argv)
-        return run_one(args.config, json.loads(args.eval_json))
+        rc = run_one(args.config, json.loads(args.eval_json))
+        from megamt import comm
+
+        comm.leave()  # every rank together, so that no rank aborts at exit (see comm.leave)
+        return rc
     ap = argparse.ArgumentParser(prog="megamt experiment", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=["transfer"])
