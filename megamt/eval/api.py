@@ -508,9 +508,7 @@ def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, m
 
         scores = choice_log_likelihoods(lm, prompts, choices, pad_id=ids["pad"], batch_size=batch_size,
                                         max_length=config.data.seq_len, progress=bar)
-        for i, s, opts in zip(mine, scores, choices):
-            norm = [v / len(c) for v, c in zip(s, opts)]
-            local.append((i, {"choice": _argmax(s), "choice_norm": _argmax(norm)}, True))
+        local = _choice_predictions(mine, scores, choices)
     else:
         gens = greedy_generate(lm, prompts, eos_id=ids["eos"], pad_id=ids["pad"], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, max_length=config.data.seq_len, progress=bar)
@@ -520,6 +518,13 @@ def _predict_causal(lm, tok, config, et: EvalTask, examples, mine, batch_size, m
     if bar is not None:
         bar.close()
     return local, tpl.name
+
+
+def _choice_predictions(mine, scores, choices) -> list[tuple]:
+    """Rank classification of multiple choice: the best choice by summed log-likelihood and by
+    log-likelihood per token (length-normalised), both reported (accuracy / accuracy_norm)."""
+    return [(i, {"choice": _argmax(s), "choice_norm": _argmax([v / len(c) for v, c in zip(s, opts)])}, True)
+            for i, s, opts in zip(mine, scores, choices)]
 
 
 def _choice_targets(ex, task_cfg, tok, tpl, eos: int) -> list[list[int]]:
@@ -545,11 +550,11 @@ def _predict_seq2seq(model, tok, config, et: EvalTask, examples, mine, batch_siz
                      tpl=None):
     """An encoder-decoder's predictions: encoder input = [BOS] + prompt + EOS (training's
     ``seq2seq_item``), cut to ``data.seq_len`` like training; decoder scores for
-    classification, the model's own ``generate`` (``eval.num_beams``) otherwise."""
+    classification and multiple choice, the model's own ``generate`` (``eval.num_beams``) otherwise."""
     from megamt.data.formats import resolve_labels
     from megamt.data.packing import cut_prompt
     from megamt.data.tokenize import special_ids
-    from megamt.eval.generation import seq2seq_generate, seq2seq_rank_classify
+    from megamt.eval.generation import seq2seq_choice_log_likelihoods, seq2seq_generate, seq2seq_rank_classify
 
     ids = special_ids(tok)
     labels = resolve_labels(et.name, et.task)
@@ -561,6 +566,10 @@ def _predict_seq2seq(model, tok, config, et: EvalTask, examples, mine, batch_siz
     if et.task.task_type == "classification":
         picks = seq2seq_rank_classify(model, prompts, choices, pad_id=ids["pad"], batch_size=batch_size, progress=bar)
         local = [(i, labels[p], True) for i, p in zip(mine, picks)]
+    elif et.task.task_type == "multiple_choice":  # decoder scores of each choice's text, as trained
+        scores = seq2seq_choice_log_likelihoods(model, prompts, choices, pad_id=ids["pad"], batch_size=batch_size,
+                                                progress=bar)
+        local = _choice_predictions(mine, scores, choices)
     else:
         gens = seq2seq_generate(model, prompts, eos_id=ids["eos"], pad_id=ids["pad"], max_new_tokens=max_new_tokens,
                                 num_beams=config.eval.num_beams, batch_size=batch_size, progress=bar)

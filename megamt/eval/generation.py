@@ -264,17 +264,21 @@ def seq2seq_choice_log_likelihoods(model, prompts: Sequence[Sequence[int]],
         if not choices[i][c]:
             raise ValueError(f"rank classification: choice {c} of example {i} has no tokens")
     scores = [[0.0] * len(cs) for cs in choices]
+    left = [len(cs) for cs in choices]  # choices still to score per example: the bar counts examples
     for rows in _by_length([prompts[i] for i, _ in pairs], batch_size):
         ids, mask = _padded([prompts[pairs[k][0]] for k in rows], pad_id, device)
         labels, _ = _padded([choices[i][c] for i, c in (pairs[k] for k in rows)], -100, device)
         logits = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).logits.float()
         logp = F.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
         total = (logp * (labels != -100)).sum(-1)
+        finished = 0
         for r, k in enumerate(rows):
             i, c = pairs[k]
             scores[i][c] = float(total[r])
-        if progress is not None:
-            progress.update(len(rows))
+            left[i] -= 1
+            finished += left[i] == 0
+        if progress is not None and finished:
+            progress.update(finished)
     return scores
 
 

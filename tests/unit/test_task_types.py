@@ -1,7 +1,7 @@
 """The multiple_choice, tagging (POS / chunk) and generative_qa task types: readers and their
 bad-input errors, templates, shards, the packer's choice groups, the multiple-choice head
 (held to separate per-choice forwards), metrics (held to seqeval / by-hand values) and
-evaluation for causal LMs (rank classification, both scores) and encoders."""
+evaluation for causal LMs and encoder-decoders (rank classification, both scores) and encoders."""
 
 from __future__ import annotations
 
@@ -378,6 +378,62 @@ def test_rank_classification_sum_and_length_normalised(assets, causal, monkeypat
     res = api.evaluate_zero_shot(causal, "picker", [ex], "multiple_choice", progress=False)
     e = res["tasks"]["picker"]
     assert e["zero_shot"] and e["metrics"] == {"accuracy": 0.0, "accuracy_norm": 100.0}
+
+
+@pytest.fixture(scope="module")
+def t5(assets):
+    from megamt.data.tokenize import load_tokenizer, special_ids
+    from megamt.model import MultitaskModel
+
+    out, raw = assets
+    ids = special_ids(load_tokenizer(out / "tok"))
+    c = json.loads(json.dumps(raw))
+    c["tasks"] = {k: v for k, v in c["tasks"].items() if k in ("arc", "piqa")}
+    c["model"] = {"from_config": {
+        "model_type": "t5", "vocab_size": vocab(assets), "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2,
+        "num_heads": 4, "relative_attention_num_buckets": 8, "dropout_rate": 0.0,
+        "decoder_start_token_id": ids["pad"], "pad_token_id": ids["pad"], "eos_token_id": ids["eos"]}}
+    torch.manual_seed(0)
+    return MultitaskModel(config_from_dict(c))
+
+
+def test_encoder_decoder_learns_the_gold_choice_and_ranks_the_choices(assets, t5, tmp_path, monkeypatch):
+    """T5: a multiple-choice example trains as text to text (decoder target = the gold
+    choice's text, from the shard as the trainer reads it) and is evaluated by the decoder's
+    scores of every choice (the scorer itself is held to per-choice forwards in
+    test_seq2seq_eval.py): both scores reported, nothing generated."""
+    from megamt.data.packing import seq2seq_item
+    from megamt.data.shards import load_manifest, read_shard, split_shards
+    from megamt.data.tokenize import load_tokenizer, special_ids
+    import megamt.eval.generation as G
+
+    out, _ = assets
+    assert t5.family == "seq2seq"
+    tok = load_tokenizer(out / "tok")
+    m = load_manifest(out / "shards")
+    for s, (_, choices, key) in zip(read_shard(split_shards(m, out / "shards", "arc", "train")[0][0]), ARC):
+        item = seq2seq_item(s, 0, special_ids(tok)["eos"])
+        target = tok.decode(item.dec.tolist(), skip_special_tokens=True)
+        assert choices["ABCD".index(key)] in target, target
+        assert not any(c in target for c in choices if c != choices["ABCD".index(key)]), target
+
+    res = api.evaluate(t5, out_dir=tmp_path, progress=False)
+    assert res["family"] == "seq2seq"
+    for task, rows in (("arc", ARC), ("piqa", PIQA)):
+        e = res["tasks"][task]
+        assert set(e["metrics"]) == {"accuracy", "accuracy_norm"} and e["cut_generations"] == 0, e
+        preds = [json.loads(l)["prediction"] for l in (tmp_path / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        gold = ["ABCD".index(r[2]) for r in rows] if task == "arc" else [r[3] for r in rows]
+        for k, metric in (("choice", "accuracy"), ("choice_norm", "accuracy_norm")):
+            assert e["metrics"][metric] == pytest.approx(100 * sum(p[k] == g for p, g in zip(preds, gold)) / len(gold))
+
+    def fake_scores(model, prompts, choices, **kw):  # summed favours the short choice, per token the long one
+        return [[-1.0 * len(c) if len(c) < 3 else -0.5 * len(c) - 2 for c in cs] for cs in choices]
+
+    monkeypatch.setattr(G, "seq2seq_choice_log_likelihoods", fake_scores)
+    ex = {"question": "Pick one.", "choices": ["a", "a b c d e f g h"], "label": 1}
+    z = api.evaluate_zero_shot(t5, "picker", [ex], "multiple_choice", progress=False)["tasks"]["picker"]
+    assert z["zero_shot"] and z["metrics"] == {"accuracy": 0.0, "accuracy_norm": 100.0}
 
 
 def test_encoder_evaluation_of_choices_and_tags(assets, tmp_path):
