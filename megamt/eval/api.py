@@ -131,6 +131,8 @@ class RoutedModel:
     ZeRO-3 counts every evaluation forward as one step of the partitioned root module (see
     :class:`megamt.model.ModuleCall`). Exposes what megamt.eval.generation uses."""
 
+    through_root = True  # what megamt.eval.generation's encoder-decoder functions look for
+
     def __init__(self, root, module):
         self.root, self.module = root, module
 
@@ -314,14 +316,6 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
     batch_size = batch_size or ecfg.batch_size
     all_templates = ecfg.all_templates if all_templates is None else bool(all_templates)
     family, module = model_family(model)
-    from megamt.eval.generation import zero3_partitioned
-
-    if family == "seq2seq" and comm.world_size() > 1 and zero3_partitioned(module):
-        # the encoder-decoder's own generate is not routed through the partitioned root module
-        # (megamt.model.ModuleCall) yet: evaluate a gathered plain copy (collective; memory: one
-        # full model per rank, as before the partitioned evaluation of the other families)
-        model = gather_plain_copy(model, config)
-        family, module = model_family(model)
     if tokenizer is None:
         from megamt.data.tokenize import load_tokenizer
 
@@ -343,7 +337,7 @@ def evaluate(model, tasks=None, *, config: MultitaskConfig | None = None, tokeni
                 runs = [_predict_encoder(routed, tokenizer, config, et, examples, mine, batch_size, progress)]
             elif family == "seq2seq":
                 templates = _templates(et, examples[0]) if all_templates else [None]
-                runs = [_predict_seq2seq(module, tokenizer, config, et, examples, mine, batch_size, max_new_tokens,
+                runs = [_predict_seq2seq(routed, tokenizer, config, et, examples, mine, batch_size, max_new_tokens,
                                          progress, tpl=tpl) for tpl in templates]
             else:
                 templates = _templates(et, examples[0]) if all_templates else [None]

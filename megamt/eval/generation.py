@@ -10,7 +10,8 @@ encoder-decoders through their own ``generate``, greedy or beam, and decoder sco
   over the choice tokens (EOS included, as in training targets); the best one wins.
 
 Both take token ids (``prompt_ids`` = [BOS] + prompt, as the shards hold them) and a Hugging
-Face causal LM -- plain, or partitioned by ZeRO-3 -- and return results in input order.
+Face causal LM -- plain, or partitioned by ZeRO-3 -- and return results in input order; the
+encoder-decoder functions likewise (a partitioned one routed through its root module).
 Prompts are sorted by length inside so that batches waste little padding.
 
 A ZeRO-3 partitioned model gathers each module's parameters from every rank when it runs (a
@@ -227,26 +228,48 @@ def _padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.T
     return ids, mask
 
 
+def _hf(model):
+    """The Hugging Face model behind ``model``: a model routed through its root module
+    (megamt.eval.api.RoutedModel) or the model itself."""
+    return model.module if getattr(model, "through_root", False) else model
+
+
+def _in_root(model, fn):
+    """``fn()`` inside one forward of the root module when ``model`` is routed (under ZeRO-3 a
+    whole ``generate`` is one step of the partitioned root), else as it is."""
+    return model.run(fn) if getattr(model, "through_root", False) else fn()
+
+
 @torch.no_grad()
 def seq2seq_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
                      num_beams: int = 1, batch_size: int = 8, progress=None) -> list[Generation]:
     """Generation of an encoder-decoder (its own ``generate``: greedy, or beam search with
     ``num_beams`` > 1) for encoder inputs given as token ids, batched over right-padded
     batches (with their attention mask), at most ``max_new_tokens`` tokens; a row without
-    EOS within the bound is reported cut (``Generation.stopped`` False)."""
-    _require_encoder_decoder(model)
+    EOS within the bound is reported cut (``Generation.stopped`` False).
+
+    ``model``: the HF encoder-decoder, or one routed through a partitioned root (ZeRO-3, several
+    ranks): every rank then runs the same number of ``generate`` calls (:class:`Lockstep`; a rank
+    out of batches generates from a stand-in prompt) and each call keeps decoding until every
+    rank is done (transformers' ``synced_gpus``)."""
+    hf = _hf(model)
+    _require_encoder_decoder(hf)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
+    device = model_device(hf)
+    lockstep = Lockstep(hf)
     out: list[Generation | None] = [None] * len(prompts)
-    for rows in _by_length(prompts, batch_size):
-        ids, mask = _padded([prompts[i] for i in rows], pad_id, device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                             do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, early_stopping=True,
-                             decoder_start_token_id=model.config.decoder_start_token_id, use_cache=True)
+    batches = _by_length(prompts, batch_size)
+    for b in range(lockstep.rounds(len(batches))):
+        rows = batches[b] if b < len(batches) else []  # [] = a stand-in round (lockstep)
+        ids, mask = _padded([prompts[i] for i in rows] or [[eos_id]], pad_id, device)
+        gen = _in_root(model, lambda: hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+            eos_token_id=eos_id, pad_token_id=pad_id, early_stopping=True, use_cache=True,
+            decoder_start_token_id=hf.config.decoder_start_token_id, synced_gpus=lockstep.active))
         for r, i in enumerate(rows):
             out[i] = until_eos(gen[r, 1:].tolist(), eos_id)  # after the decoder start token
-        if progress is not None:
+        if progress is not None and rows:
             progress.update(len(rows))
     return out  # type: ignore[return-value]
 
@@ -256,16 +279,26 @@ def seq2seq_choice_log_likelihoods(model, prompts: Sequence[Sequence[int]],
                                    choices: Sequence[Sequence[Sequence[int]]], *, pad_id: int, batch_size: int = 8,
                                    progress=None) -> list[list[float]]:
     """``[example][choice]`` summed log-probability of the choice's tokens as the decoder's
-    target given the prompt as the encoder's input (rank classification by decoder scores)."""
-    _require_encoder_decoder(model)
-    device = next(model.parameters()).device
+    target given the prompt as the encoder's input (rank classification by decoder scores).
+    ``model`` as for :func:`seq2seq_generate` (a partitioned one: stand-in forwards keep the
+    ranks in lockstep)."""
+    hf = _hf(model)
+    _require_encoder_decoder(hf)
+    device = model_device(hf)
+    lockstep = Lockstep(hf)
     pairs = [(i, c) for i, cs in enumerate(choices) for c in range(len(cs))]
     for i, c in pairs:
         if not choices[i][c]:
             raise ValueError(f"rank classification: choice {c} of example {i} has no tokens")
     scores = [[0.0] * len(cs) for cs in choices]
     left = [len(cs) for cs in choices]  # choices still to score per example: the bar counts examples
-    for rows in _by_length([prompts[i] for i, _ in pairs], batch_size):
+    batches = _by_length([prompts[i] for i, _ in pairs], batch_size)
+    for b in range(lockstep.rounds(len(batches))):
+        if b >= len(batches):  # a stand-in round (lockstep): one padding token on each side
+            one = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+            model(input_ids=one, attention_mask=torch.ones_like(one), labels=one, use_cache=False)
+            continue
+        rows = batches[b]
         ids, mask = _padded([prompts[pairs[k][0]] for k in rows], pad_id, device)
         labels, _ = _padded([choices[i][c] for i, c in (pairs[k] for k in rows)], -100, device)
         logits = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).logits.float()

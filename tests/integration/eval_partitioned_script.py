@@ -1,6 +1,8 @@
 """Run under ``deepspeed --num_gpus 2``: evaluation through the ZeRO-3 partitioned model vs
 evaluation of a plain copy of its weights (``gather_plain_copy``, the path megamt used
-before), for a causal LM (rank classification + generation) and an encoder with heads.
+before), for a causal LM (rank classification + generation), an encoder with heads and an
+encoder-decoder (T5: decoder scores + beam search, the whole ``generate`` inside one forward of
+the partitioned root, ``synced_gpus`` over the ranks).
 
 For each family: a training engine like the trainer's (``zero.Init`` through
 ``HfDeepSpeedConfig``, AdamW); evaluate (a) a plain copy, (b) ``engine.module`` itself,
@@ -28,9 +30,16 @@ def family_config(root: Path, family: str):
     spec = root / "spec.yaml"
     if family == "causal":
         return load_config(spec, ["model.fused_loss=false"])
-    from megamt.data.tokenize import load_tokenizer
+    from megamt.data.tokenize import load_tokenizer, special_ids
 
-    vocab = len(load_tokenizer(root / "tokenizer"))
+    tok = load_tokenizer(root / "tokenizer")
+    vocab = len(tok)
+    if family == "seq2seq":  # a tiny T5; generation by beam search (synced over the ranks)
+        ids = special_ids(tok)
+        t5 = {"model_type": "t5", "vocab_size": vocab, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2,
+              "num_heads": 4, "relative_attention_num_buckets": 8, "dropout_rate": 0.0,
+              "decoder_start_token_id": ids["pad"], "pad_token_id": ids["pad"], "eos_token_id": ids["eos"]}
+        return load_config(spec, ["model.family=auto", "model.from_config=" + json.dumps(t5), "eval.num_beams=2"])
     cfg = load_config(spec, [
         "model.family=encoder", "model.from_config={model_type: bert, vocab_size: %d, hidden_size: 32, "
         "num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 64, max_position_embeddings: 128}" % vocab])
@@ -69,7 +78,7 @@ def main(root: Path, out_json: Path) -> None:
     setup_distributed(600)
     work = out_json.parent
     report = {}
-    for family in ("causal", "encoder"):
+    for family in ("causal", "encoder", "seq2seq"):
         cfg = family_config(root, family)
         engine = training_engine(cfg)
         runs = {}

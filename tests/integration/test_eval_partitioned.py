@@ -1,5 +1,5 @@
 """Evaluation through the ZeRO-3 partitioned model on 2 CPU ranks equals evaluation of a
-plain copy (one launch, causal LM and encoder, see eval_partitioned_script.py)."""
+plain copy (one launch: causal LM, encoder, encoder-decoder; see eval_partitioned_script.py)."""
 
 import json
 import os
@@ -30,14 +30,14 @@ def report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family", ["causal", "encoder"])
+@pytest.mark.parametrize("family", ["causal", "encoder", "seq2seq"])
 @pytest.mark.parametrize("run", ["partitioned", "checkpoint"])
 def test_partitioned_evaluation_equals_the_plain_copy(report, family, run):
     """Identical predictions (every example of every task, in the prediction files) and
     metrics: the partitioned model gathers exactly the weights the plain copy holds."""
     plain, other = report[family]["plain"], report[family][run]
-    tasks = {"causal": {"sentiment", "nli", "qa", "ner", "summ", "instruct"},
-             "encoder": {"sentiment", "nli", "qa", "ner"}}[family]
+    every = {"sentiment", "nli", "qa", "ner", "summ", "instruct"}
+    tasks = {"causal": every, "seq2seq": every, "encoder": {"sentiment", "nli", "qa", "ner"}}[family]
     assert set(plain["predictions"]) == tasks
     for task, lines in plain["predictions"].items():
         assert len(lines) == 5
