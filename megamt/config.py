@@ -685,9 +685,20 @@ class EvalConfig:
     """Also compute per-task metrics (TensorBoard ``eval/<task>/<metric>``, ``eval.json`` under
     ``<run_dir>/eval/step_N``) at every validation point of training (``train.eval_every`` and
     the end). Generation is slow on CPUs: bound it with ``eval.max_examples``."""
+    max_live_parameters: int = 0
+    """ZeRO-3 evaluation (validation and metrics during training, ``megamt eval`` under a
+    launcher): parameter elements gathered at once. 0: two ZeRO-3 prefetch buckets (then the
+    largest module plus what is being prefetched: the memory-safe choice at 70B); N > 0: at
+    most N; -1: the ds_config's own ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance``
+    (1e9 in the templates: measured, the training engine then keeps the whole model gathered
+    on every rank during evaluation -- 3x faster on the CPU, where it fits; BENCHMARKS.md,
+    "Evaluation memory")."""
 
     def problems(self, key: str, task_names: list[str]) -> list[str]:
         out = []
+        if self.max_live_parameters < -1:
+            out.append(f"{key}.max_live_parameters: 0 (two prefetch buckets), N > 0 or -1 (the ds_config's own), "
+                       f"got {self.max_live_parameters}")
         for name in ("max_new_tokens", "num_beams", "batch_size", "max_answer_tokens"):
             if getattr(self, name) < 1:
                 out.append(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")

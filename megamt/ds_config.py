@@ -206,6 +206,36 @@ def zero_stage(ds: dict) -> int:
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
+DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size
+
+
+def eval_zero_limits(ds: dict, max_live: int = 0) -> dict[str, int]:
+    """ZeRO-3's limits for evaluation (``eval.max_live_parameters`` = ``max_live``): 0 ->
+    ``stage3_max_live_parameters`` = two prefetch buckets (the module running plus the next one
+    being fetched) and ``stage3_max_reuse_distance`` = 0; N > 0 -> N and 0; -1 -> ``{}`` (the
+    ds_config's own limits).
+
+    Training templates (and DeepSpeed's defaults) allow 1e9 of both. In evaluation's
+    forward-only passes (scores, token-by-token generation) that lets prefetched parameters
+    pile up, and -- with the training engine, whose recorded trace continues into a backward
+    pass that evaluation never runs -- keeps every parameter gathered until the next training
+    step. Measured on a 110M-parameter model after a training step: 100 % gathered at once per
+    rank during evaluation (61 % for `megamt eval`'s engine), against 22 % (its largest single
+    parameter, the tied embedding) with the bound (BENCHMARKS.md, "Evaluation memory"); at 70B
+    the difference is the whole model per GPU."""
+    if max_live < 0:
+        return {}
+    zero = ds.get("zero_optimization") or {}
+
+    def number(key: str, default: float) -> int:
+        v = zero.get(key, default)
+        return int(float(v)) if not isinstance(v, str) else int(default)  # "auto": not resolved
+
+    bound = max_live or 2 * number("stage3_prefetch_bucket_size", DEEPSPEED_PREFETCH_BUCKET)
+    return {"stage3_max_live_parameters": max(1, min(number("stage3_max_live_parameters", 1e9), bound)),
+            "stage3_max_reuse_distance": 0}
+
+
 def build_ds_config(cfg: MultitaskConfig, world_size: int, *, grad_accum: int | None = None,
                     hidden_size: int | None = None, dtype: str = "fp32") -> dict:
     """Load ``train.ds_config`` and resolve it (the one entry the trainer calls)."""

@@ -31,6 +31,7 @@ the calls on a CPU stand-in).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -53,7 +54,7 @@ import torch
 from megamt import comm
 from megamt.checkpoint import CheckpointComm, CheckpointManager, json_text, rng_state, set_rng_state
 from megamt.config import MultitaskConfig
-from megamt.ds_config import build_ds_config, hidden_size_of, zero_stage
+from megamt.ds_config import build_ds_config, eval_zero_limits, hidden_size_of, zero_stage
 from megamt.losses import TaskLoss, count_targets, step_loss
 from megamt.metrics_log import MetricsLogger, estimate_mfu, peak_memory_gib
 from megamt.model import MultitaskModel, describe, hf_config, resolve_dtype
@@ -166,6 +167,64 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
     release_cpu_shm_at_exit(rank)
     comm.leave_at_exit()
     return rank, torch.distributed.get_world_size(), local_rank
+
+
+_COORDINATOR_LIMITS = {"stage3_max_live_parameters": "_PartitionedParameterCoordinator__max_n_available_params",
+                       "stage3_max_reuse_distance": "_PartitionedParameterCoordinator__max_reuse_dist_in_numel"}
+
+
+def _fresh_trace(offload, coordinator) -> None:
+    """Release every gathered parameter and make ZeRO-3 record a new module trace at the next
+    forward (including the release decisions it caches per trace position)."""
+    offload.partition_all_parameters()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+    # DeepSpeed caches "which parameters to release after module M at trace position i" without
+    # clearing it with the trace: evaluation's trace matches the training trace's forward part
+    # position by position, so the cached training decisions (keep everything for the
+    # backward) would come back. The cache (functools.lru_cache) sits inside a profiling wrapper.
+    fn = getattr(type(coordinator), "_PartitionedParameterCoordinator__params_to_release", None)
+    seen = 0
+    while fn is not None and not hasattr(fn, "cache_clear") and seen < 4:
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None:
+            inner = next((c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
+                          if callable(getattr(c, "cell_contents", None))), None)
+        fn, seen = inner, seen + 1
+    if hasattr(fn, "cache_clear"):
+        fn.cache_clear()
+
+
+@contextlib.contextmanager
+def bounded_gathering(engine, limits: dict[str, int]):
+    """ZeRO-3 evaluation inside a training run, with the limits of
+    :func:`megamt.ds_config.eval_zero_limits` (see there for why and what they save).
+
+    The training engine's parameter coordinator decides what to release from the module trace
+    it recorded in training, which continues into a backward pass that evaluation never runs:
+    evaluation would keep every parameter gathered "for reuse" until the next training step.
+    So around the block: every parameter released and a fresh trace (evaluation records its
+    own, training re-records its own after). DeepSpeed reads ``stage3_max_live_parameters``
+    and ``stage3_max_reuse_distance`` once, into the coordinator, and has no setter: its
+    fields are lowered here and restored after. No limits (``eval.max_live_parameters=-1``),
+    ZeRO-1/2 or a DeepSpeed whose coordinator lacks the fields: unchanged."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None
+    fields = {_COORDINATOR_LIMITS[k]: int(v) for k, v in limits.items()}
+    old = {f: getattr(coordinator, f, None) for f in fields}
+    if not limits or coordinator is None or not all(isinstance(v, int) for v in old.values()) \
+            or not hasattr(coordinator, "_invalidate_trace"):
+        yield
+        return
+    _fresh_trace(offload, coordinator)
+    for f, v in fields.items():
+        setattr(coordinator, f, min(old[f], v))
+    try:
+        yield
+    finally:
+        for f, v in old.items():
+            setattr(coordinator, f, v)
+        _fresh_trace(offload, coordinator)
 
 
 def warn_stale_build_locks(min_age_s: float = 600.0) -> list[Path]:
@@ -918,9 +977,10 @@ class MultitaskTrainer:
 
     def validate(self) -> dict[str, float]:
         """Per-task validation loss, and per-task metrics when ``eval.during_training``."""
-        losses = self.evaluate_loss()
-        self.log_eval(losses)
-        results = self.evaluate_metrics() if self.cfg.eval.during_training else None
+        with bounded_gathering(self.engine, eval_zero_limits(self.ds_config, self.cfg.eval.max_live_parameters)):
+            losses = self.evaluate_loss()
+            self.log_eval(losses)
+            results = self.evaluate_metrics() if self.cfg.eval.during_training else None
         if self.cfg.mixture.strategy == "dynamic" and hasattr(self.pipeline, "observe_eval"):
             # identical on every rank: the losses are all-reduced, the metrics broadcast
             self.pipeline.observe_eval(self.step, losses, results)

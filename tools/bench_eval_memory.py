@@ -8,14 +8,20 @@ checkpoint read through mmap; plus DeepSpeed's shared-memory all-reduce buffer),
 number of parameter elements present in full at that moment (a ZeRO-3 parameter only while
 gathered; a plain model: all); plus the kernel's lifetime peak ``ru_maxrss``. Modes:
 
-- ``train-copy``: a training engine (ZeRO-3, AdamW, as the trainer builds it), then what
+- ``train-copy``: a training engine (ZeRO-3, AdamW, as the trainer builds it) after one
+  training step (``train_one_step``: a run validates after training steps), then what
   ``evaluate_metrics`` did before: ``gather_plain_copy`` (all parameters gathered, a CPU
   copy on every rank) and evaluation of that copy;
-- ``train-partitioned``: the same engine, evaluation of ``engine.module`` itself;
+- ``train-partitioned``: the same engine, evaluation of ``engine.module`` itself, as the
+  trainer's validation runs it (``bounded_gathering``: ``eval_zero_limits``);
 - ``cli-full``: what ``megamt eval`` did under a launcher: every rank loads the whole
   exported model;
 - ``cli-partitioned``: ``megamt eval``'s loader now (``load_partitioned_model``: zero.Init,
-  an optimizer-free ZeRO-3 engine).
+  an optimizer-free ZeRO-3 engine, ``inference_ds_config``).
+
+``--unbounded``: the partitioned modes with the training template's
+``stage3_max_live_parameters`` and ``stage3_max_reuse_distance`` (1e9), as before the bound
+(``eval.max_live_parameters=-1``).
 
 The same examples in every mode (sentiment by rank classification, QA by greedy
 generation); the paired modes must agree on every metric (checked).
@@ -96,8 +102,34 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- one rank
 
 
-def rank_main(mode: str, work: Path, examples: int) -> None:
+def train_one_step(engine, cfg, rows: int = 2, seq_len: int = 128) -> None:
+    """One optimizer step on random packed rows (the trainer's loss), as a run has done before
+    it validates: ZeRO-3's parameter coordinator then holds a forward + backward trace."""
+    import numpy as np
     import torch
+
+    from megamt.data.packing import Packer, PackItem, collate_rows
+    from megamt.losses import count_targets, step_loss
+
+    rng = np.random.default_rng(0)
+    packer = Packer(seq_len, buffer_size=64)
+    while len(packer) < 32:
+        packer.add(PackItem(rng.integers(5, 1000, int(rng.integers(8, 40))), int(rng.integers(0, len(cfg.tasks))),
+                            n_prompt=4))
+    batch = collate_rows([packer.pop_row() for _ in range(rows)], seq_len, 0)
+    n = count_targets(torch.as_tensor(batch["labels"]), torch.as_tensor(batch["task_ids"]), len(cfg.tasks))
+    out = engine(batch)
+    engine.backward(step_loss(out, n, torch.ones(len(cfg.tasks)), engine.world_size, 1))
+    engine.step()
+
+
+def rank_main(mode: str, work: Path, examples: int, unbounded: bool = False) -> None:
+    import torch
+
+    if unbounded:  # the training template's limit everywhere, as before the bound
+        import megamt.ds_config
+
+        megamt.ds_config.eval_zero_limits = lambda ds, max_live=0: {}
 
     from megamt import comm
     from megamt.config import load_config
@@ -109,6 +141,9 @@ def rank_main(mode: str, work: Path, examples: int) -> None:
     tasks = {"sentiment": {}, "qa": {}}
     opts = dict(max_examples=examples, max_new_tokens=8, batch_size=8, progress=False, write_predictions=False)
     keep = []
+    import contextlib
+
+    bound = contextlib.nullcontext()
     with PeakMemory() as build:
         if mode.startswith("train"):
             import deepspeed
@@ -124,7 +159,13 @@ def rank_main(mode: str, work: Path, examples: int) -> None:
             model = MultitaskModel(cfg)
             unset_hf_deepspeed_config()
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+            train_one_step(engine, cfg)  # evaluation during training follows a training trace
             model = engine.module
+            if mode == "train-partitioned" and not unbounded:  # as the trainer validates: bounded
+                from megamt.ds_config import eval_zero_limits
+                from megamt.trainer import bounded_gathering
+
+                bound = bounded_gathering(engine, eval_zero_limits(ds))
         elif mode == "cli-full":
             from megamt.model import MultitaskModel
 
@@ -136,7 +177,7 @@ def rank_main(mode: str, work: Path, examples: int) -> None:
     comm.barrier()
     before = memory()
     t0 = time.perf_counter()
-    with PeakMemory(model.parameters()) as during:
+    with PeakMemory(model.parameters()) as during, bound:
         if mode == "train-copy":
             copy = gather_plain_copy(model, cfg)
             during.params += list(copy.parameters())
@@ -176,11 +217,11 @@ def prepare(work: Path) -> None:
         MultitaskModel(cfg).save_pretrained(work / "hf", tokenizer_dir=str(demo.tokenizer))
 
 
-def launch(mode: str, work: Path, examples: int, port: int) -> dict:
+def launch(mode: str, work: Path, examples: int, port: int, unbounded: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), __file__, "--rank-mode", mode,
-           "--out", str(work), "--examples", str(examples)]
+           "--out", str(work), "--examples", str(examples)] + (["--unbounded"] if unbounded else [])
     log = work / f"{mode}.log"
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -194,16 +235,18 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_eval_memory")
     ap.add_argument("--examples", type=int, default=8, help="examples per task")
     ap.add_argument("--port", type=int, default=29731)
+    ap.add_argument("--unbounded", action="store_true",
+                    help="partitioned modes with the template's ZeRO-3 limits (1e9, as before the bound)")
     ap.add_argument("--rank-mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = ap.parse_args()
     work = Path(args.out).resolve()
     if args.rank_mode:
-        rank_main(args.rank_mode, work, args.examples)
+        rank_main(args.rank_mode, work, args.examples, args.unbounded)
         return
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
-    res = {mode: launch(mode, work, args.examples, args.port + i) for i, mode in enumerate(MODES)}
+    res = {mode: launch(mode, work, args.examples, args.port + i, args.unbounded) for i, mode in enumerate(MODES)}
     for a, b in (("train-copy", "train-partitioned"), ("cli-full", "cli-partitioned")):
         if res[a]["metrics"] != res[b]["metrics"]:
             raise SystemExit(f"{a} and {b} disagree: {res[a]['metrics']} vs {res[b]['metrics']}")

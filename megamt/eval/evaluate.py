@@ -180,9 +180,11 @@ def inference_ds_config(cfg) -> dict:
     """The DeepSpeed config of an evaluation engine: ``train.ds_config`` resolved as for
     training (precision, bucket and persistence sizes, parameter offload), ZeRO stage 3,
     without optimizer, scheduler or optimizer offload (transformers does the same for
-    ``deepspeed_init(inference=True)``)."""
+    ``deepspeed_init(inference=True)``), and at most two prefetch buckets of parameters
+    gathered at once and no reuse distance (``eval.max_live_parameters``,
+    :func:`megamt.ds_config.eval_zero_limits`)."""
     from megamt import comm
-    from megamt.ds_config import build_ds_config, hidden_size_of
+    from megamt.ds_config import build_ds_config, eval_zero_limits, hidden_size_of
     from megamt.model import hf_config, resolve_dtype
 
     import torch
@@ -194,6 +196,7 @@ def inference_ds_config(cfg) -> dict:
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = 3
     zero.pop("offload_optimizer", None)
+    zero.update(eval_zero_limits(ds, cfg.eval.max_live_parameters))
     return ds
 
 

@@ -236,3 +236,19 @@ def test_inference_ds_config_is_zero3_without_optimizer(demo, template):
     assert "optimizer" not in ds and "scheduler" not in ds and "offload_optimizer" not in ds["zero_optimization"]
     param_offload = load_template(template)[0]["zero_optimization"].get("offload_param")
     assert ds["zero_optimization"].get("offload_param") == param_offload
+
+
+def test_inference_ds_config_bounds_the_parameters_gathered_at_once(demo):
+    """eval.max_live_parameters: 0 (default) -> two prefetch buckets and no reuse distance; N ->
+    N; -1 -> the template's own 1e9 (see test_trainer_hot_path.py for the measured effect)."""
+    from megamt.eval.evaluate import inference_ds_config
+
+    zero = inference_ds_config(load_config(demo.spec))["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == 2 * zero["stage3_prefetch_bucket_size"]
+    assert zero["stage3_max_reuse_distance"] == 0
+    zero = inference_ds_config(load_config(demo.spec, ["eval.max_live_parameters=12345"]))["zero_optimization"]
+    assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"]) == (12345, 0)
+    zero = inference_ds_config(load_config(demo.spec, ["eval.max_live_parameters=-1"]))["zero_optimization"]
+    assert float(zero["stage3_max_live_parameters"]) == float(zero["stage3_max_reuse_distance"]) == 1e9
+    with pytest.raises(Exception, match="eval.max_live_parameters"):
+        load_config(demo.spec, ["eval.max_live_parameters=-2"])

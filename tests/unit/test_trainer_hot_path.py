@@ -207,3 +207,82 @@ def test_gradient_checkpointing_auto_turns_on_when_the_estimate_does_not_fit(tra
     plan = trainer.resolve_gradient_checkpointing(getattr(trainer.model.backbone, "config"))
     assert plan.gradient_checkpointing and enabled == [True]
     assert plan.activations[True] < plan.activations[False]
+
+
+def _most_gathered(trainer) -> int:
+    """The most parameter elements present in full at once during forward-only passes (a ZeRO-3
+    parameter holds its full data only while gathered), sampled as every module starts."""
+    params = list(trainer.engine.module.parameters())
+    most = [0]
+
+    def sample(*_):
+        most[0] = max(most[0], sum(p.numel() for p in params))
+
+    module = trainer.engine.module
+    hooks = [m.register_forward_pre_hook(sample) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(3):  # forward-only passes, as validation and evaluation run them
+                module(trainer.pipeline.next_batch())
+    finally:
+        module.train()
+        for h in hooks:
+            h.remove()
+    return most[0]
+
+
+def test_validation_bounds_the_parameters_gathered_at_once(trainer, monkeypatch):
+    """Validation runs with ZeRO-3's evaluation limits (megamt.ds_config.eval_zero_limits: two
+    prefetch buckets live, no reuse distance), restored after: the training template's 1e9 kept
+    61 % of a 110M model gathered in evaluation (BENCHMARKS.md "Evaluation memory"). Measured
+    proxy here, on the real engine after a training step (its trace continues into a
+    backward): the most elements gathered at once in forward-only passes, bounded vs not."""
+    import megamt.trainer as T
+    from megamt.ds_config import eval_zero_limits
+
+    coordinator = trainer.engine.optimizer.parameter_offload.get_param_coordinator()
+    fields = list(T._COORDINATOR_LIMITS.values())
+    before = [getattr(coordinator, f) for f in fields]
+    limits = eval_zero_limits(trainer.ds_config)
+    bucket = trainer.ds_config["zero_optimization"]["stage3_prefetch_bucket_size"]
+    assert limits == {"stage3_max_live_parameters": 2 * bucket, "stage3_max_reuse_distance": 0}
+    seen = []
+    real = trainer.evaluate_loss
+    monkeypatch.setattr(trainer, "evaluate_loss", lambda split=None: seen.append(
+        [getattr(coordinator, f) for f in fields]) or real(split))
+    trainer.validate()
+    assert seen == [[2 * bucket, 0]] and [getattr(coordinator, f) for f in fields] == before  # restored
+    monkeypatch.setattr(trainer, "evaluate_loss", real)
+    import contextlib
+
+    most = {}
+    for name in ("bounded", "fresh trace only", "as before"):  # each after a completed step
+        trainer.train_step()
+        trainer.step += 1
+        context = {"bounded": T.bounded_gathering(trainer.engine, limits),
+                   "fresh trace only": T.bounded_gathering(trainer.engine, {
+                       "stage3_max_live_parameters": before[0], "stage3_max_reuse_distance": before[1]}),
+                   "as before": contextlib.nullcontext()}[name]
+        with context:
+            most[name] = _most_gathered(trainer)
+    total = sum(p.ds_numel for p in trainer.engine.module.parameters())
+    print(f"most of {total} elements gathered at once in forward-only passes: {most}")
+    # as before: the training trace keeps everything gathered; bounded: the embedding (the largest
+    # parameter, 97 x 32) plus at most two prefetch buckets and the persistent parameters
+    assert most["as before"] == total
+    assert eval_zero_limits(trainer.ds_config, -1) == {}  # eval.max_live_parameters=-1: DeepSpeed's own limits
+    assert eval_zero_limits(trainer.ds_config, 500) == {"stage3_max_live_parameters": 500, "stage3_max_reuse_distance": 0}
+    assert most["bounded"] <= 97 * 32 + 2 * bucket + sum(p.ds_numel for p in trainer.engine.module.parameters()
+                                                          if p.ds_persist) < most["fresh trace only"] < total
+
+
+def test_bounded_gathering_leaves_other_engines_alone():
+    """ZeRO-1/2 (no parameter coordinator) or a DeepSpeed without the field: a no-op."""
+    from types import SimpleNamespace
+
+    from megamt.trainer import bounded_gathering
+
+    for engine in (SimpleNamespace(optimizer=SimpleNamespace()), SimpleNamespace(optimizer=None), object()):
+        with bounded_gathering(engine, {"stage3_max_live_parameters": 10}):
+            pass
