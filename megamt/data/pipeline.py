@@ -322,9 +322,10 @@ def eval_batches(cfg, task: str, split: str, rank: int = 0, world_size: int = 1,
             f"{st['overlong_target']} rejected (longer than data.target_len={data.target_len}, "
             f"data.overlong={data.overlong})")
     if (cut or dropped or split_qa) and log:
-        log(f"eval data {task}/{split} rank {rank}: {cut} example(s) truncated, {dropped} rejected, {split_qa} "
-            f"split into {packer.stats['qa_windows']} QA window(s) (longer than data.seq_len={data.seq_len}, "
-            f"data.overlong={data.overlong}, data.qa_doc_stride={data.doc_stride()})")
+        windows = (f", {split_qa} split into {packer.stats['qa_windows']} QA window(s)" if split_qa else "")
+        log(f"eval data {task}/{split} rank {rank}: {cut} example(s) truncated, {dropped} rejected{windows} "
+            f"(longer than data.seq_len={data.seq_len}, data.overlong={data.overlong}"
+            + (f", data.qa_doc_stride={data.doc_stride()})" if split_qa else ")"))
 
 
 def padding_batch(cfg, manifest: Optional[dict] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
