@@ -221,10 +221,17 @@ def bounded_gathering(engine, limits: dict[str, int]):
         setattr(coordinator, f, min(old[f], v))
     try:
         yield
-    finally:
+    except BaseException:
         for f, v in old.items():
             setattr(coordinator, f, v)
-        _fresh_trace(offload, coordinator)
+        try:  # best effort: the error in flight is the one to report
+            _fresh_trace(offload, coordinator)
+        except Exception:
+            pass
+        raise
+    for f, v in old.items():
+        setattr(coordinator, f, v)
+    _fresh_trace(offload, coordinator)
 
 
 def warn_stale_build_locks(min_age_s: float = 600.0) -> list[Path]:

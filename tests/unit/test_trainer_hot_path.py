@@ -253,6 +253,10 @@ def test_validation_bounds_the_parameters_gathered_at_once(trainer, monkeypatch)
         [getattr(coordinator, f) for f in fields]) or real(split))
     trainer.validate()
     assert seen == [[2 * bucket, 0]] and [getattr(coordinator, f) for f in fields] == before  # restored
+    with pytest.raises(RuntimeError, match="a failing evaluation"):  # restored on an error too, which propagates
+        with T.bounded_gathering(trainer.engine, limits):
+            raise RuntimeError("a failing evaluation")
+    assert [getattr(coordinator, f) for f in fields] == before
     monkeypatch.setattr(trainer, "evaluate_loss", real)
     import contextlib
 
