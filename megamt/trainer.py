@@ -1011,6 +1011,17 @@ class MultitaskTrainer:
         self.engine.train()
         return results
 
+    def evaluate_trained(self, tasks=None, **kwargs) -> dict[str, Any]:
+        """megamt.eval's ``evaluate`` on the engine's module after training (the experiment
+        runner, the transfer experiment): partitioned under ZeRO-3, with gathering bounded as
+        in validation (``eval.max_live_parameters``); no full copy on any rank."""
+        from megamt.eval.api import evaluate
+
+        with bounded_gathering(self.engine, eval_zero_limits(self.ds_config, self.cfg.eval.max_live_parameters)):
+            results = evaluate(self.engine.module, tasks, config=self.cfg, **kwargs)
+        self.engine.train()
+        return results
+
     def log_eval(self, losses: dict[str, float]) -> None:
         if self.metrics is not None:
             self.metrics.log_eval(self.step, losses)

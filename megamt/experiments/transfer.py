@@ -35,7 +35,8 @@ Every number comes from the runs this command starts. SPEC (YAML)::
 
 Each model trains in its own process (``python -m megamt.experiments.transfer run CONFIG`` or the
 same under ``deepspeed``) through ``MultitaskTrainer``; after training that process
-evaluates the engine's (partitioned) model with :func:`megamt.eval.api.evaluate` and writes
+evaluates the engine's (partitioned) model with :func:`megamt.eval.api.evaluate` (gathering
+bounded, ``MultitaskTrainer.evaluate_trained``) and writes
 ``run_summary.json``.
 """
 
@@ -159,7 +160,6 @@ def run_one(config_path: str, eval_opts: dict) -> int:
     import torch
 
     from megamt.config import load_config
-    from megamt.eval.api import evaluate
     from megamt.metrics_log import peak_memory_gib
 
     cfg = load_config(config_path)
@@ -173,12 +173,12 @@ def run_one(config_path: str, eval_opts: dict) -> int:
     from megamt import comm
 
     peak = torch.tensor(comm.reduce_values([peak_memory_gib()], "max"))
-    model = trainer.engine.module  # evaluated partitioned (megamt.eval.api.evaluate)
     eval_tasks = {t: {} for t in cfg.tasks}
     t1 = time.perf_counter()
-    results = evaluate(model, eval_tasks, split=eval_opts.get("split"), max_examples=eval_opts.get("max_examples"),
-                       max_new_tokens=eval_opts.get("max_new_tokens"), batch_size=eval_opts.get("batch_size"),
-                       out_dir=Path(cfg.train.run_dir) / "eval", progress=False)
+    results = trainer.evaluate_trained(  # partitioned, gathering bounded
+        eval_tasks, split=eval_opts.get("split"), max_examples=eval_opts.get("max_examples"),
+        max_new_tokens=eval_opts.get("max_new_tokens"), batch_size=eval_opts.get("batch_size"),
+        out_dir=Path(cfg.train.run_dir) / "eval", progress=False)
     eval_s = time.perf_counter() - t1
     if trainer.rank == 0:
         out = {"config": config_path, "train_seconds": train_s, "eval_seconds": eval_s,

@@ -2,8 +2,9 @@
 ``deepspeed --module``, srun, or ``slurm/train.sbatch`` with ``MEGAMT_MODULE``).
 
 Every rank runs it. It trains ``RUN_DIR/config.yaml`` with :class:`MultitaskTrainer` --
-resuming from ``RUN_DIR/checkpoints`` when an earlier launch left one -- evaluates a plain
-copy of the final weights (``megamt.eval.api.evaluate`` on the config's ``eval`` section),
+resuming from ``RUN_DIR/checkpoints`` when an earlier launch left one -- evaluates the final
+weights where they are (``MultitaskTrainer.evaluate_trained``: partitioned under ZeRO-3, no
+full copy; ``megamt.eval.api.evaluate`` on the config's ``eval`` section),
 and rank 0 writes ``RUN_DIR/run_summary.json`` last (its presence means: finished)::
 
     {"status": "complete" | "pruned", "steps", "max_steps", "train_seconds", "eval_seconds",
@@ -67,7 +68,6 @@ class ValidationRecorder:
 def run(run_dir: str | Path) -> int:
     from megamt import comm
     from megamt.config import load_config
-    from megamt.eval.api import evaluate, gather_plain_copy
     from megamt.metrics_log import peak_memory_gib
     from megamt.trainer import MultitaskTrainer
 
@@ -96,8 +96,7 @@ def run(run_dir: str | Path) -> int:
     elif recorder.last_step == trainer.step and recorder.last_results is not None:
         results = recorder.last_results  # eval.during_training: the final validation computed them
     else:
-        plain = gather_plain_copy(trainer.engine.module, cfg)
-        results = evaluate(plain, config=cfg, out_dir=run_dir / "eval" / "final", progress=False)
+        results = trainer.evaluate_trained(out_dir=run_dir / "eval" / "final", progress=False)  # partitioned
     eval_s = time.perf_counter() - t1
     if trainer.rank == 0:
         write_json_atomic(run_dir / SUMMARY, {
