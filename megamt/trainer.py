@@ -982,9 +982,14 @@ class MultitaskTrainer:
             self.metrics.writer.add_image("affinity/heatmap", self.affinity.heatmap(), r.step, dataformats="CHW")
         self.metrics.log_step(r.step, scalars)
 
+    def eval_gathering(self):
+        """The context every evaluation of the engine's module runs in (bounded_gathering with
+        ``eval.max_live_parameters``)."""
+        return bounded_gathering(self.engine, eval_zero_limits(self.ds_config, self.cfg.eval.max_live_parameters))
+
     def validate(self) -> dict[str, float]:
         """Per-task validation loss, and per-task metrics when ``eval.during_training``."""
-        with bounded_gathering(self.engine, eval_zero_limits(self.ds_config, self.cfg.eval.max_live_parameters)):
+        with self.eval_gathering():
             losses = self.evaluate_loss()
             self.log_eval(losses)
             results = self.evaluate_metrics() if self.cfg.eval.during_training else None
@@ -1017,7 +1022,7 @@ class MultitaskTrainer:
         in validation (``eval.max_live_parameters``); no full copy on any rank."""
         from megamt.eval.api import evaluate
 
-        with bounded_gathering(self.engine, eval_zero_limits(self.ds_config, self.cfg.eval.max_live_parameters)):
+        with self.eval_gathering():
             results = evaluate(self.engine.module, tasks, config=self.cfg, **kwargs)
         self.engine.train()
         return results
