@@ -402,6 +402,13 @@ def plot_report(report: dict, out: Path) -> list[Path]:
     import numpy as np
 
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     tasks, settings = report["tasks"], report["settings"]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.6))
     width = 0.8 / (1 + len(settings))
@@ -414,10 +421,7 @@ def plot_report(report: dict, out: Path) -> list[Path]:
     ax.set_ylabel("score (0-100)")
     ax.set_title("per-task score")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "scores.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "scores.png")
 
     names = [r["task"] for r in tasks if not r["held_out"]]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
@@ -432,10 +436,7 @@ def plot_report(report: dict, out: Path) -> list[Path]:
         ax.set_xlabel("fraction of the run's steps")
         ax.set_ylabel("train loss")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    written.append(out / "loss_curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "loss_curves.png")
 
     if report["cosines"]:
         fig, axes = plt.subplots(1, len(report["cosines"]), figsize=(4 * len(report["cosines"]), 3.6), squeeze=False)
@@ -447,10 +448,7 @@ def plot_report(report: dict, out: Path) -> list[Path]:
             ax.set_yticklabels(names, fontsize=7)
             ax.set_title(f"gradient cosine ({s})", fontsize=9)
             fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        written.append(out / "grad_cosine.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "grad_cosine.png")
     return written
 
 
