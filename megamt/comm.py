@@ -174,6 +174,36 @@ def leave_at_exit() -> None:
         _LEAVE_REGISTERED = True
 
 
+def exit_process(code: int | None) -> None:
+    """End a launched rank: ``sys.exit(code)`` in a process that never joined a group; in one
+    that did (:func:`leave_at_exit` registered), the Python exit handlers run (the group left,
+    files flushed and closed), then ``os._exit`` -- skipping the C++ static destructors, where
+    gloo/shared-memory threads still alive abort a rank that has finished all its work
+    ("terminate called without an active exception", SIGABRT; seen in CI after the group was
+    destroyed), which the launcher reports as a failed run."""
+    import sys
+
+    code = int(code or 0)
+    if not _LEAVE_REGISTERED:
+        sys.exit(code)
+    import gc
+    import io
+
+    try:
+        atexit._run_exitfuncs()
+        gc.collect()  # unreferenced files: closed (and so flushed)
+    finally:
+        # files still open (a module-level log) and the standard streams: flushed, as the
+        # interpreter's own shutdown would have done
+        for f in [o for o in gc.get_objects() if isinstance(o, io.IOBase)] + [sys.stdout, sys.stderr]:
+            try:
+                if not f.closed and f.writable():
+                    f.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
 def new_group(timeout_s: float, backend_name: str | None = None):
     """A process group of all ranks with its own timeout (e.g. for long checkpoint I/O)."""
     if not initialized():

@@ -162,4 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megamt import comm as _comm
+
+    _comm.exit_process(main())  # a launched rank: see comm.exit_process

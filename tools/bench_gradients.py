@@ -419,3 +419,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    from megamt import comm
+
+    comm.exit_process(0)  # a worker rank: see comm.exit_process

@@ -485,6 +485,7 @@ def main(argv=None) -> int:
     if args.worker:
         from megamt import comm
 
+        comm.leave_at_exit()  # every side exits through comm.exit_process
         comm.leave()  # every side: gloo threads alive at exit abort a finished rank
         return 0
 
@@ -534,4 +535,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megamt import comm
+
+    comm.exit_process(main())  # a worker rank: see comm.exit_process

@@ -118,3 +118,36 @@ def test_leave_at_exit_leaves_the_group_however_the_process_ends(how):
     assert "initialized at exit: False" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.count("initialized at exit") == 1
     assert proc.returncode == (0 if how == "return" else 1), proc.stderr[-2000:]
+
+
+_HARD_EXIT = """
+import atexit, sys
+import torch.distributed as dist
+from megamt import comm
+
+atexit.register(lambda: print("exit handler ran; initialized:", dist.is_initialized(), flush=True))
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+comm.leave_at_exit()
+log = open(sys.argv[1], "w")
+log.write("written, never closed by the script")
+print("buffered stdout line", end="")
+comm.exit_process(3)
+print("not reached")
+"""
+
+
+def test_exit_process_runs_the_exit_handlers_then_exits_hard(tmp_path):
+    """A launched rank ends through comm.exit_process: its exit handlers run (the group left),
+    unclosed files and stdout are flushed, the exit code is kept, nothing after it runs."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    code = _HARD_EXIT.replace("{port}", str(_port()))
+    proc = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "exit handler ran; initialized: False" in proc.stdout and "buffered stdout line" in proc.stdout
+    assert "not reached" not in proc.stdout
+    assert log.read_text() == "written, never closed by the script"
+    plain = subprocess.run([sys.executable, "-c", "from megamt import comm; comm.exit_process(4)"], timeout=120)
+    assert plain.returncode == 4  # no group joined: an ordinary sys.exit
